@@ -1,0 +1,383 @@
+"""RandAugment on a whole batch, on any device, with per-sample ops and magnitudes.
+
+Each sample of a ``(B, C, H, W)`` uint8 batch draws its own ``num_ops`` operations (uniformly, with
+replacement, as torchvision and timm do), its own magnitude and its own signs. Nothing loops over
+images: every op is computed for the whole batch with per-sample parameters and each sample keeps
+the result of the op it drew (``torch.where``), so shapes never depend on the data, there is no
+host synchronisation, and the cost is a fixed few dozen kernels per layer.
+
+Every op mirrors ``torchvision.transforms.v2.functional`` on uint8 tensors (tests compare them op
+by op): the pixel ops agree exactly, the geometric ops use the same inverse-affine matrix, grid and
+fill rule.
+
+Magnitude scale (timm's): ``m`` in [0, 10], each op reaching its maximum at ``m = 10``; with
+``magnitude_std > 0`` each sample draws ``m ~ N(magnitude, magnitude_std)`` clipped to [0, 10].
+With ``f = m / 10`` and a random sign ``s = ±1`` for the signed ops, on an image of side ``S``:
+
+=============  =====================================  ======================
+op             parameter                              at m = 10 (S = 32)
+=============  =====================================  ======================
+identity       -                                      -
+autocontrast   -                                      -
+equalize       -                                      -
+rotate         angle ``s * 30 f`` degrees             ±30°
+solarize       invert pixels >= ``255 (1 - f)``       threshold 0 (invert)
+color          saturation factor ``1 + s * 0.9 f``    0.1 or 1.9
+posterize      keep ``8 - round(4 f)`` bits           4 bits
+contrast       factor ``1 + s * 0.9 f``               0.1 or 1.9
+brightness     factor ``1 + s * 0.9 f``               0.1 or 1.9
+sharpness      factor ``1 + s * 0.9 f``               0.1 or 1.9
+shear_x/y      ``s * 0.3 f`` (tangent), about (0, 0)  ±0.3 (16.7°)
+translate_x/y  ``s * int(f * S * 10/32)`` pixels      ±10 px
+=============  =====================================  ======================
+
+Translation is sized for small images (torchvision's default reaches 150/331 of the side, 14 px
+on 32 px images; our ancestor's reached 47 px, a blank image).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+OPS: tuple[str, ...] = (
+    "identity",
+    "autocontrast",
+    "equalize",
+    "rotate",
+    "solarize",
+    "color",
+    "posterize",
+    "contrast",
+    "brightness",
+    "sharpness",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+)
+GEOMETRIC_OPS = frozenset({"rotate", "shear_x", "shear_y", "translate_x", "translate_y"})
+SIGNED_OPS = frozenset(
+    {"rotate", "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y"}
+)
+MAX_MAGNITUDE = 10.0
+MAX_ROTATE_DEGREES = 30.0
+MAX_SHEAR = 0.3
+MAX_ENHANCE = 0.9
+MAX_POSTERIZE_DROP_BITS = 4
+TRANSLATE_FRACTION = 10.0 / 32.0  # of the image side, at m = 10
+CIFAR10_MEAN_UINT8 = (125, 123, 114)  # fill for geometric ops: normalises to about zero
+
+
+def _per_sample(value: torch.Tensor, ndim: int = 4) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, 1) for broadcasting over (B, C, H, W)."""
+    return value.reshape(value.shape[0], *([1] * (ndim - 1)))
+
+
+def _check_uint8(img: torch.Tensor) -> None:
+    if img.dtype != torch.uint8 or img.ndim != 4:
+        raise ValueError(f"expected a uint8 batch of shape (B, C, H, W), got {img.dtype} {tuple(img.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel ops. Each takes a uint8 batch (B, C, H, W) and per-sample parameters of shape (B,).
+# ---------------------------------------------------------------------------------------------
+
+
+def _blend(img: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``img * f + degenerate * (1 - f)``, clamped and truncated to uint8 (torchvision's ``_blend``)."""
+    f = _per_sample(factor.to(torch.float32))
+    alpha = _per_sample((1.0 - factor.double()).float())
+    # torchvision computes img * f, then adds degenerate * alpha in one fused multiply-add;
+    # float64 holds that product exactly, so this rounds once, as the fused op does.
+    out = ((img.to(torch.float32) * f).double() + degenerate.double() * alpha.double()).float()
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _grayscale(img: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma as float, floored like torchvision does for integer images: (B, 1, H, W)."""
+    r, g, b = img.to(torch.float32).unbind(dim=-3)
+    gray = r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114)
+    return gray.floor_().unsqueeze(-3)
+
+
+def brightness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Scale intensities by ``factor`` (per sample)."""
+    out = img.to(torch.float32) * _per_sample(factor.to(torch.float32))
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def color(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Saturation: blend with the image's grayscale (factor 0: gray, 1: unchanged)."""
+    return _blend(img, _grayscale(img), factor)
+
+
+def contrast(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the mean gray level of each image."""
+    mean = _grayscale(img).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(img, mean, factor)
+
+
+def sharpness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with a 3x3 smoothed image (1s around a 5, /13) inside a 1-pixel border kept as is."""
+    C = img.shape[1]
+    x = img.to(torch.float32)
+    a, b = 1.0 / 13.0, 5.0 / 13.0
+    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], dtype=torch.float32, device=img.device)
+    blurred = F.conv2d(x, kernel.expand(C, 1, 3, 3), groups=C).round_()  # (B, C, H-2, W-2)
+    inner = x[..., 1:-1, 1:-1]
+    keep = _per_sample((1.0 - factor.double()).float())
+    out = x.clone()
+    # torchvision: inner + keep * (blurred - inner) as one fused multiply-add (see ``_blend``).
+    out[..., 1:-1, 1:-1] = (inner.double() + (blurred - inner).double() * keep.double()).float()
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def posterize(img: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Keep the ``bits`` most significant bits of each channel value (bits in 0..8)."""
+    shift = _per_sample((8 - bits.to(torch.int32)).clamp(0, 8))
+    mask = ((255 << shift) & 255).to(torch.uint8)
+    return img & mask
+
+
+def solarize(img: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Invert every value ``>= threshold`` (per sample)."""
+    thr = _per_sample(threshold.to(torch.float32))
+    return torch.where(img >= thr, 255 - img, img)
+
+
+def autocontrast(img: torch.Tensor) -> torch.Tensor:
+    """Stretch each channel of each image to the full [0, 255] range."""
+    x = img.to(torch.float32)
+    lo = x.amin(dim=(-2, -1), keepdim=True)
+    hi = x.amax(dim=(-2, -1), keepdim=True)
+    flat = hi == lo
+    scale = torch.where(flat, torch.ones_like(hi), (hi - lo) * (1.0 / 255.0))
+    lo = torch.where(flat, torch.zeros_like(lo), lo)
+    return ((x - lo) / scale).clamp_(0, 255).to(torch.uint8)
+
+
+def equalize(img: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation per channel of each image, with PIL's lookup table."""
+    B, C, H, W = img.shape
+    flat = img.reshape(B * C, H * W).to(torch.int64)
+    hist = torch.zeros(B * C, 256, dtype=torch.int32, device=img.device)
+    hist.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
+    cum = hist.cumsum(dim=1, dtype=torch.int32)
+    last_nonzero = cum.argmax(dim=1, keepdim=True)  # first index reaching the total count
+    step = (H * W - hist.gather(1, last_nonzero)).div(255, rounding_mode="floor")  # (BC, 1)
+    lut = (cum[:, :-1] + step // 2).div(step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
+    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut], dim=1).to(torch.uint8)  # (BC, 256)
+    out = lut.gather(1, flat).reshape(B, C, H, W)
+    return torch.where(step.reshape(B, C, 1, 1).ne(0), out, img)  # a flat channel stays as is
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometric ops: one per-sample inverse affine matrix, one grid_sample for the batch.
+# ---------------------------------------------------------------------------------------------
+
+
+def inverse_affine_matrix(
+    angle: torch.Tensor,
+    translate: tuple[torch.Tensor, torch.Tensor],
+    shear: tuple[torch.Tensor, torch.Tensor],
+    center: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Per-sample inverse of ``T * C * R(angle) * Shear * C^-1`` as torchvision builds it: (B, 2, 3).
+
+    Angles and shears in degrees, all arguments of shape (B,), ``center`` relative to the image
+    centre (torchvision's convention inside ``affine_image``). Computed in float64.
+    """
+    rot = torch.deg2rad(angle.double())
+    sx, sy = torch.deg2rad(shear[0].double()), torch.deg2rad(shear[1].double())
+    cx, cy = center[0].double(), center[1].double()
+    tx, ty = translate[0].double(), translate[1].double()
+    cos_sy, tan_sx = torch.cos(sy), torch.tan(sx)
+    a = torch.cos(rot - sy) / cos_sy
+    b = -(a * tan_sx + torch.sin(rot))
+    c = torch.sin(rot - sy) / cos_sy
+    d = torch.cos(rot) - c * tan_sx
+    m0, m1, m3, m4 = d, -b, -c, a  # det [[a, b], [c, d]] == 1
+    m2 = cx - m0 * (cx + tx) - m1 * (cy + ty)
+    m5 = cy - m3 * (cx + tx) - m4 * (cy + ty)
+    return torch.stack([m0, m1, m2, m3, m4, m5], dim=1).reshape(-1, 2, 3)
+
+
+def affine(
+    img: torch.Tensor,
+    matrix: torch.Tensor,
+    interpolation: str = "nearest",
+    fill: Optional[Sequence[float]] = None,
+) -> torch.Tensor:
+    """Warp each image of a uint8 batch by its own inverse affine ``matrix`` (B, 2, 3), as
+    torchvision's ``affine_image`` does for one image: pixel-centred grid, ``grid_sample`` with
+    zero padding, then areas from outside the image set to ``fill`` (zeros when ``None``)."""
+    B, C, H, W = img.shape
+    dev = img.device
+    theta = matrix.to(torch.float32)
+    base = torch.empty(1, H, W, 3, dtype=torch.float32, device=dev)
+    base[..., 0].copy_(torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, steps=W, device=dev))
+    base[..., 1].copy_(torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, steps=H, device=dev).unsqueeze(-1))
+    base[..., 2].fill_(1)
+    scaled = theta.transpose(1, 2).div(torch.tensor([0.5 * W, 0.5 * H], dtype=torch.float32, device=dev))
+    grid = base.view(1, H * W, 3).expand(B, -1, -1).bmm(scaled).view(B, H, W, 2)
+    x = img.to(torch.float32)
+    if fill is not None:
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+    x = F.grid_sample(x, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
+    if fill is not None:
+        x, mask = x[:, :-1], x[:, -1:].expand(-1, C, -1, -1)
+        fill_img = torch.tensor([float(v) for v in fill], dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+        if interpolation == "nearest":
+            x = torch.where(mask < 0.5, fill_img.expand_as(x), x)
+        else:
+            x = (x - fill_img) * mask + fill_img
+    return x.round_().to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# RandAugment
+# ---------------------------------------------------------------------------------------------
+
+
+class RandAugment:
+    """Batched RandAugment: every sample draws its own ``num_ops`` ops and magnitude.
+
+    Args:
+        num_ops: ops applied in sequence to each sample (N).
+        magnitude: M on the [0, 10] scale of the module docstring's table.
+        magnitude_std: per-sample Gaussian noise on M (timm's ``mstd``); 0 for a fixed M.
+        ops: the op names to draw from (a subset of ``OPS``).
+        interpolation: ``"nearest"`` (torchvision's default) or ``"bilinear"``.
+        fill: per-channel value for areas moved in from outside the image.
+    """
+
+    def __init__(
+        self,
+        num_ops: int = 2,
+        magnitude: float = 9.0,
+        magnitude_std: float = 0.5,
+        ops: Sequence[str] = OPS,
+        interpolation: str = "nearest",
+        fill: Sequence[float] = CIFAR10_MEAN_UINT8,
+    ):
+        if isinstance(num_ops, bool) or not isinstance(num_ops, int) or num_ops < 0:
+            raise ValueError(f"num_ops must be a non-negative integer, got {num_ops!r}")
+        if not isinstance(magnitude, (int, float)) or not 0 <= magnitude <= MAX_MAGNITUDE:
+            raise ValueError(f"magnitude must be in [0, {MAX_MAGNITUDE:g}], got {magnitude!r}")
+        if not isinstance(magnitude_std, (int, float)) or magnitude_std < 0:
+            raise ValueError(f"magnitude_std must be >= 0, got {magnitude_std!r}")
+        unknown = [op for op in ops if op not in OPS]
+        if unknown or not ops:
+            raise ValueError(f"ops must be a non-empty subset of {OPS}, got unknown {unknown!r}")
+        if interpolation not in ("nearest", "bilinear"):
+            raise ValueError(f"interpolation must be 'nearest' or 'bilinear', got {interpolation!r}")
+        self.num_ops = num_ops
+        self.magnitude = float(magnitude)
+        self.magnitude_std = float(magnitude_std)
+        self.ops = tuple(ops)
+        self.interpolation = interpolation
+        self.fill = tuple(float(v) for v in fill)
+
+    def __repr__(self) -> str:
+        return (
+            f"RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude}, "
+            f"magnitude_std={self.magnitude_std}, ops={len(self.ops)}, interpolation={self.interpolation!r})"
+        )
+
+    def __call__(self, img: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        _check_uint8(img)
+        for _ in range(self.num_ops):
+            op, level, sign = self.draw(img.shape[0], img.device, generator)
+            img = self.apply(img, op, level, sign)
+        return img
+
+    def draw(self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None):
+        """One layer's random choices: op index (B,), level f = m/10 in [0, 1] (B,), sign ±1 (B,)."""
+        op = torch.randint(len(self.ops), (batch,), device=device, generator=generator)
+        m = torch.full((batch,), self.magnitude, device=device)
+        if self.magnitude_std > 0:
+            m = m + self.magnitude_std * torch.randn(batch, device=device, generator=generator)
+        level = m.clamp(0, MAX_MAGNITUDE) / MAX_MAGNITUDE
+        sign = torch.where(torch.rand(batch, device=device, generator=generator) < 0.5, -1.0, 1.0)
+        return op, level, sign
+
+    def apply(self, img: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+        """Apply op ``self.ops[op[i]]`` at ``level[i]``, ``sign[i]`` to sample ``i``, for all i."""
+        B, _, H, W = img.shape
+        level = level.double()  # op parameters in float64, as torchvision computes them in Python
+        sign = sign.double()
+        chosen = {name: op == i for i, name in enumerate(self.ops)}
+        out = img
+        if GEOMETRIC_OPS.intersection(self.ops):
+            out = torch.where(
+                _per_sample(self._is_geometric(chosen, B, img.device)),
+                affine(img, self._matrices(chosen, level, sign, H, W), self.interpolation, self.fill),
+                out,
+            )
+        enhance = 1.0 + sign * MAX_ENHANCE * level
+        pixel_ops = {
+            "autocontrast": lambda: autocontrast(img),
+            "equalize": lambda: equalize(img),
+            "solarize": lambda: solarize(img, 255.0 * (1.0 - level)),
+            "posterize": lambda: posterize(img, 8 - torch.round(MAX_POSTERIZE_DROP_BITS * level)),
+            "color": lambda: color(img, enhance),
+            "contrast": lambda: contrast(img, enhance),
+            "brightness": lambda: brightness(img, enhance),
+            "sharpness": lambda: sharpness(img, enhance),
+        }
+        for name, fn in pixel_ops.items():
+            if name in chosen:
+                out = torch.where(_per_sample(chosen[name]), fn(), out)
+        return out
+
+    @staticmethod
+    def _is_geometric(chosen: dict, batch: int, device: torch.device) -> torch.Tensor:
+        mask = torch.zeros(batch, dtype=torch.bool, device=device)
+        for name in GEOMETRIC_OPS.intersection(chosen):
+            mask = mask | chosen[name]
+        return mask
+
+    def _matrices(self, chosen: dict, level: torch.Tensor, sign: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        zero = torch.zeros_like(level)
+
+        def pick(name: str, value: torch.Tensor) -> torch.Tensor:
+            return torch.where(chosen[name], value, zero) if name in chosen else zero
+
+        # torchvision's rotate passes -angle to the matrix; its shears pivot on the top-left corner.
+        angle = pick("rotate", -sign * MAX_ROTATE_DEGREES * level)
+        shear_x = pick("shear_x", torch.rad2deg(torch.atan(sign * MAX_SHEAR * level)))
+        shear_y = pick("shear_y", torch.rad2deg(torch.atan(sign * MAX_SHEAR * level)))
+        tx = pick("translate_x", sign * torch.trunc(level * TRANSLATE_FRACTION * W))
+        ty = pick("translate_y", sign * torch.trunc(level * TRANSLATE_FRACTION * H))
+        is_shear = (chosen["shear_x"] if "shear_x" in chosen else zero.bool()) | (
+            chosen["shear_y"] if "shear_y" in chosen else zero.bool()
+        )
+        cx = torch.where(is_shear, zero - W * 0.5, zero)
+        cy = torch.where(is_shear, zero - H * 0.5, zero)
+        return inverse_affine_matrix(angle, (tx, ty), (shear_x, shear_y), (cx, cy))
+
+
+def magnitude_table(magnitude: float = MAX_MAGNITUDE, side: int = 32) -> dict[str, str]:
+    """Human-readable strength of each op at ``magnitude`` on ``side``-pixel images."""
+    f = min(max(magnitude, 0.0), MAX_MAGNITUDE) / MAX_MAGNITUDE
+    e = MAX_ENHANCE * f
+    return {
+        "identity": "-",
+        "autocontrast": "-",
+        "equalize": "-",
+        "rotate": f"±{MAX_ROTATE_DEGREES * f:.1f}°",
+        "solarize": f"threshold {255 * (1 - f):.0f}",
+        "color": f"factor {1 - e:.2f} or {1 + e:.2f}",
+        "posterize": f"{8 - round(MAX_POSTERIZE_DROP_BITS * f)} bits",
+        "contrast": f"factor {1 - e:.2f} or {1 + e:.2f}",
+        "brightness": f"factor {1 - e:.2f} or {1 + e:.2f}",
+        "sharpness": f"factor {1 - e:.2f} or {1 + e:.2f}",
+        "shear_x": f"±{MAX_SHEAR * f:.2f} ({math.degrees(math.atan(MAX_SHEAR * f)):.1f}°)",
+        "shear_y": f"±{MAX_SHEAR * f:.2f} ({math.degrees(math.atan(MAX_SHEAR * f)):.1f}°)",
+        "translate_x": f"±{int(f * TRANSLATE_FRACTION * side)} px",
+        "translate_y": f"±{int(f * TRANSLATE_FRACTION * side)} px",
+    }

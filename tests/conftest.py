@@ -1,0 +1,37 @@
+"""Shared fixtures: small CIFAR-10 in the exact on-disk layout torchvision uses."""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data import BATCH_FOLDER, TEST_FILES, TRAIN_FILES
+
+
+def write_fake_cifar10(root: Path, per_batch: int = 40, test: int = 50, seed: int = 0) -> Path:
+    """Write ``root/cifar-10-batches-py/`` with five train batches of ``per_batch`` images and a test
+    batch, as pickled dicts with the real files' keys. Images carry a class-dependent colour so
+    that a model can learn something from them."""
+    rng = np.random.default_rng(seed)
+    folder = root / BATCH_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in [(f, per_batch) for f in TRAIN_FILES] + [(f, test) for f in TEST_FILES]:
+        labels = rng.integers(0, 10, n)
+        base = np.stack([labels * 25, 255 - labels * 25, (labels * 70) % 256], axis=1)[:, :, None]  # (n, 3, 1)
+        noise = rng.integers(-40, 40, (n, 3, 1024))
+        data = np.clip(base + noise, 0, 255).astype(np.uint8).reshape(n, 3072)
+        entry = {
+            "batch_label": f"fake {name}",
+            "labels": labels.tolist(),
+            "data": data,
+            "filenames": [f"img_{i}.png" for i in range(n)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    return root
+
+
+@pytest.fixture
+def fake_cifar(tmp_path):
+    return write_fake_cifar10(tmp_path / "data")

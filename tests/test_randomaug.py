@@ -1,0 +1,158 @@
+"""Batched RandAugment: every op against torchvision.transforms.v2.functional, per-sample randomness."""
+
+import math
+
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+import randomaug as ra
+from randomaug import OPS, RandAugment
+
+FILL = list(ra.CIFAR10_MEAN_UINT8)
+LEVELS = [0.0, 0.3, 0.7, 1.0]
+
+
+def _images(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    img[: n // 4] = img[: n // 4] // 3 + 70  # low contrast: autocontrast/equalize have work to do
+    img[n // 4] = 90  # one flat image (degenerate cases of autocontrast/equalize)
+    return img
+
+
+def _reference(name, img, f, s, interpolation):
+    """torchvision's op for one image at level f (m/10) and sign s, per randomaug's table."""
+    mode = TF.InterpolationMode(interpolation)
+    e = 1.0 + s * 0.9 * f
+    if name == "identity":
+        return img
+    if name == "autocontrast":
+        return TF.autocontrast(img)
+    if name == "equalize":
+        return TF.equalize(img)
+    if name == "rotate":
+        return TF.rotate(img, angle=s * 30.0 * f, interpolation=mode, fill=FILL)
+    if name == "solarize":
+        return TF.solarize(img, threshold=255.0 * (1.0 - f))
+    if name == "posterize":
+        return TF.posterize(img, bits=8 - round(4 * f))
+    if name == "color":
+        return TF.adjust_saturation(img, e)
+    if name == "contrast":
+        return TF.adjust_contrast(img, e)
+    if name == "brightness":
+        return TF.adjust_brightness(img, e)
+    if name == "sharpness":
+        return TF.adjust_sharpness(img, e)
+    if name in ("shear_x", "shear_y"):
+        deg = math.degrees(math.atan(s * 0.3 * f))
+        shear = [deg, 0.0] if name == "shear_x" else [0.0, deg]
+        return TF.affine(
+            img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=mode, fill=FILL, center=[0, 0]
+        )
+    if name in ("translate_x", "translate_y"):
+        t = int(s * f * 10)
+        translate = [t, 0] if name == "translate_x" else [0, t]
+        return TF.affine(
+            img, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], interpolation=mode, fill=FILL
+        )
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+@pytest.mark.parametrize("name", OPS)
+def test_each_op_matches_torchvision(name, interpolation):
+    img = _images()
+    n = len(img)
+    aug = RandAugment(interpolation=interpolation)
+    op = torch.full((n,), OPS.index(name))
+    level = torch.tensor(LEVELS * (n // len(LEVELS)), dtype=torch.float32)
+    sign = torch.tensor([1.0, -1.0] * (n // 2))
+    ours = aug.apply(img, op, level, sign)
+    ref = torch.stack([_reference(name, img[i], float(level[i]), float(sign[i]), interpolation) for i in range(n)])
+    assert ours.dtype == torch.uint8 and ours.shape == img.shape
+    diff = (ours.int() - ref.int()).abs()
+    if name in ra.GEOMETRIC_OPS and interpolation == "bilinear":
+        # Same matrix and grid; float rounding may move a value that lands on .5 by one level.
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    else:
+        assert torch.equal(ours, ref), f"{name}: {int((diff > 0).sum())} pixels differ"
+
+
+def test_magnitudes_change_the_image():
+    # Guard against an op that silently does nothing at the top magnitude.
+    img = _images()[:8]  # low-contrast images and one flat one
+    aug = RandAugment()
+    for name in OPS:
+        if name == "identity":
+            continue
+        out = aug.apply(img, torch.full((8,), OPS.index(name)), torch.ones(8), torch.ones(8))
+        assert not torch.equal(out, img), name
+
+
+def test_samples_draw_their_own_ops():
+    img = _images(1).expand(64, -1, -1, -1).contiguous()  # one image, 64 times
+    aug = RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5)
+    g = torch.Generator().manual_seed(0)
+    op, level, sign = aug.draw(64, img.device, g)
+    assert len(op.unique()) >= 10 and level.std() > 0.01 and set(sign.tolist()) == {-1.0, 1.0}
+    out = aug(img, torch.Generator().manual_seed(1))
+    distinct = {tuple(o.flatten().tolist()) for o in out}
+    assert len(distinct) > 32  # same input, different per-sample results
+
+
+def test_same_seed_same_batch_other_seed_other_batch():
+    img = _images()
+    aug = RandAugment()
+    a = aug(img, torch.Generator().manual_seed(5))
+    b = aug(img, torch.Generator().manual_seed(5))
+    c = aug(img, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_magnitude_noise_is_clipped_to_scale():
+    aug = RandAugment(magnitude=10, magnitude_std=5)
+    _, level, _ = aug.draw(1000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert level.min() >= 0 and level.max() <= 1 and (level == 1).any()
+
+
+def test_identity_only_keeps_batch():
+    img = _images()
+    assert torch.equal(RandAugment(ops=("identity",))(img), img)
+
+
+def test_op_subset_and_zero_ops():
+    img = _images()
+    assert torch.equal(RandAugment(num_ops=0)(img), img)
+    out = RandAugment(num_ops=1, ops=("solarize",), magnitude=10, magnitude_std=0)(img)
+    assert torch.equal(out, 255 - img)  # threshold 0 inverts everything
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_ops=-1), "num_ops"),
+        (dict(magnitude=11), "magnitude"),
+        (dict(magnitude_std=-1), "magnitude_std"),
+        (dict(ops=("blur",)), "ops"),
+        (dict(interpolation="bicubic"), "interpolation"),
+    ],
+)
+def test_invalid_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        RandAugment(**kwargs)
+
+
+def test_rejects_float_input():
+    with pytest.raises(ValueError, match="uint8"):
+        RandAugment()(torch.rand(2, 3, 32, 32))
+
+
+def test_translate_is_sized_for_small_images():
+    table = ra.magnitude_table(10, 32)
+    assert table["translate_x"] == "±10 px" and table["rotate"] == "±30.0°"
+    # At the top magnitude a translated image still shows two thirds of itself.
+    img = _images(4)
+    out = RandAugment().apply(img, torch.full((4,), OPS.index("translate_x")), torch.ones(4), torch.ones(4))
+    assert torch.equal(out[..., 10:], img[..., :-10])
