@@ -1,0 +1,343 @@
+"""CIFAR-10 held on the training device, batched by index, augmented per sample on the device.
+
+The whole dataset is 180 MB of uint8, so it lives on the GPU; an epoch is a ``torch.randperm``
+and a loop of index slices. Augmentation (random crop with padding, horizontal flip, batched
+RandAugment, normalisation) runs on whole batches, and mixup/CutMix return soft targets that
+already carry label smoothing. All randomness comes from generators whose state is saved in
+checkpoints, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from randomaug import RandAugment
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+BATCH_FOLDER = "cifar-10-batches-py"
+ARCHIVE = "cifar-10-python.tar.gz"
+ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILES = ("test_batch",)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """CIFAR-10 is neither on disk nor downloadable."""
+
+
+class CorruptDatasetError(ValueError):
+    """A CIFAR-10 batch file cannot be read or has the wrong content."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one python-format CIFAR batch: images (N, 3, 32, 32) uint8 and labels (N,) int64."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise CorruptDatasetError(
+            f"{path} is truncated or corrupt ({type(e).__name__}: {e}). Delete the folder "
+            f"{path.parent} and run again to download a fresh copy."
+        ) from e
+    if not isinstance(entry, dict) or "data" not in entry or not ({"labels", "fine_labels"} & entry.keys()):
+        raise CorruptDatasetError(f"{path} is not a CIFAR batch (expected a dict with 'data' and 'labels').")
+    data = np.asarray(entry["data"])
+    labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise CorruptDatasetError(
+            f"{path} has data {data.dtype} {data.shape} and {len(labels)} labels; expected uint8 (N, 3072) "
+            f"and N labels."
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+        raise CorruptDatasetError(f"{path} has labels outside 0..9.")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _batch_files_present(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in TRAIN_FILES + TEST_FILES)
+
+
+def ensure_cifar10(root: str | Path, download: bool = True) -> Path:
+    """Return the ``cifar-10-batches-py`` folder under ``root``, extracting or downloading it if
+    needed with torchvision's md5-checked helpers. Raises ``DatasetNotFoundError`` saying where to
+    put the data when it is absent and cannot be downloaded."""
+    root = Path(root).expanduser()
+    folder = root / BATCH_FOLDER
+    if _batch_files_present(folder):
+        return folder
+    from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
+
+    archive = root / ARCHIVE
+    how = (
+        f"Put CIFAR-10 there: either the archive {archive} (from {URL}) or its extracted folder "
+        f"{folder}/ with data_batch_1..5 and test_batch."
+    )
+    if archive.is_file():
+        if not check_integrity(str(archive), ARCHIVE_MD5):
+            raise CorruptDatasetError(
+                f"{archive} fails its md5 check (truncated download?). Delete it and run again. {how}"
+            )
+        extract_archive(str(archive), str(root))
+    elif download:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            download_and_extract_archive(URL, str(root), filename=ARCHIVE, md5=ARCHIVE_MD5)
+        except (OSError, RuntimeError) as e:  # URLError, ssl errors, torchvision's md5 failure
+            raise DatasetNotFoundError(
+                f"CIFAR-10 is not in {root} and downloading it failed ({type(e).__name__}: {e}). {how}"
+            ) from e
+    if not _batch_files_present(folder):
+        missing = [n for n in TRAIN_FILES + TEST_FILES if not (folder / n).is_file()]
+        raise DatasetNotFoundError(
+            f"CIFAR-10 not found in {root} (missing {', '.join(missing)} in {folder}; "
+            f"download={'on' if download else 'off'}). {how}"
+        )
+    return folder
+
+
+@dataclass
+class CIFAR10:
+    """Train and test images (N, 3, 32, 32) uint8 and labels (N,) int64, on one device."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_cifar10(
+    root: str | Path,
+    device: str | torch.device = "cpu",
+    download: bool = True,
+    train_subset: int = 0,
+    test_subset: int = 0,
+) -> CIFAR10:
+    """Load CIFAR-10 onto ``device``; ``*_subset > 0`` keeps only the first that many images."""
+    folder = ensure_cifar10(root, download=download)
+
+    def read(names: tuple[str, ...], limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [read_batch(folder / n) for n in names]
+        x = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
+        if limit:
+            x, y = x[:limit], y[:limit]
+        return torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(y).to(device)
+
+    x_train, y_train = read(TRAIN_FILES, train_subset)
+    x_test, y_test = read(TEST_FILES, test_subset)
+    return CIFAR10(x_train, y_train, x_test, y_test)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation
+# ---------------------------------------------------------------------------------------------
+
+
+def normalize(x: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 normalised with per-channel mean/std."""
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255.0
+    return (x.to(torch.float32) - m) / s
+
+
+def random_crop_flip(
+    x: torch.Tensor, padding: int, flip: bool, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Per-sample random crop of a zero-padded uint8 batch and horizontal flip with probability 1/2,
+    as one gather (no per-image Python)."""
+    B, C, H, W = x.shape
+    dev = x.device
+    if padding > 0:
+        x = F.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (B,), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (B,), device=dev, generator=generator)
+    cols = torch.arange(W, device=dev)
+    if flip:
+        mirrored = torch.rand(B, device=dev, generator=generator) < 0.5
+        cols = torch.where(mirrored[:, None], cols.flip(0)[None, :], cols[None, :])  # (B, W)
+    else:
+        cols = cols.expand(B, W)
+    rows = dy[:, None] + torch.arange(H, device=dev)[None, :]  # (B, H)
+    cols = dx[:, None] + cols  # (B, W)
+    b = torch.arange(B, device=dev)[:, None, None, None]
+    c = torch.arange(C, device=dev)[None, :, None, None]
+    return x[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class TrainAugment:
+    """Crop (zero padding) -> flip -> RandAugment -> normalise, on a uint8 batch on any device.
+
+    Args:
+        padding: crop padding in pixels (0 disables the crop).
+        flip: random horizontal flip.
+        randaugment: a ``RandAugment`` or ``None``.
+    """
+
+    def __init__(self, padding: int = 4, flip: bool = True, randaugment: Optional[RandAugment] = None):
+        self.padding = padding
+        self.flip = flip
+        self.randaugment = randaugment
+
+    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.padding or self.flip:
+            x = random_crop_flip(x, self.padding, self.flip, generator)
+        if self.randaugment is not None:
+            x = self.randaugment(x, generator)
+        return normalize(x)
+
+
+class Mixup:
+    """Batch-wise mixup / CutMix returning soft targets that include label smoothing.
+
+    One lambda per batch (timm's default "batch" mode) from ``Beta(alpha, alpha)``; each sample is
+    paired with the sample at the mirrored position of the batch, which is a random pairing because
+    batches are drawn from a random permutation. With both alphas > 0 each batch uses CutMix with
+    probability ``switch_prob``. Lambdas and boxes come from a seeded ``random.Random`` whose state
+    is saved with checkpoints.
+
+    Args:
+        mixup_alpha: Beta parameter of mixup; 0 disables mixup.
+        cutmix_alpha: Beta parameter of CutMix; 0 disables CutMix.
+        switch_prob: probability of CutMix when both are enabled.
+        label_smoothing: mass spread uniformly over all classes.
+        num_classes: number of classes.
+        seed: seed of the lambda/box generator.
+    """
+
+    def __init__(
+        self,
+        mixup_alpha: float = 0.2,
+        cutmix_alpha: float = 0.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+        num_classes: int = 10,
+        seed: int = 0,
+    ):
+        self.mixup_alpha = mixup_alpha
+        self.cutmix_alpha = cutmix_alpha
+        self.switch_prob = switch_prob
+        self.label_smoothing = label_smoothing
+        self.num_classes = num_classes
+        self.rng = random.Random(seed)
+
+    def smooth_one_hot(self, y: torch.Tensor) -> torch.Tensor:
+        off = self.label_smoothing / self.num_classes
+        t = torch.full((y.shape[0], self.num_classes), off, device=y.device)
+        return t.scatter_(1, y[:, None], 1.0 - self.label_smoothing + off)
+
+    def draw(self, height: int, width: int) -> tuple[float, Optional[tuple[int, int, int, int]]]:
+        """Next batch's lambda and CutMix box (y0, y1, x0, x1), or ``None`` for mixup."""
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or self.rng.random() < self.switch_prob)
+        if use_cutmix:
+            lam = self.rng.betavariate(self.cutmix_alpha, self.cutmix_alpha)
+            cut = (1.0 - lam) ** 0.5
+            ch, cw = int(height * cut), int(width * cut)
+            cy, cx = self.rng.randrange(height), self.rng.randrange(width)
+            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, height)
+            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, width)
+            return 1.0 - (y1 - y0) * (x1 - x0) / (height * width), (y0, y1, x0, x1)
+        if self.mixup_alpha > 0:
+            return self.rng.betavariate(self.mixup_alpha, self.mixup_alpha), None
+        return 1.0, None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lam, box = self.draw(x.shape[-2], x.shape[-1])
+        return self.mix(x, y, lam, box)
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, lam: float, box=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mix with a given lambda (and box): ``lam`` weighs the original sample and its label."""
+        targets = self.smooth_one_hot(y)
+        if lam >= 1.0:
+            return x, targets
+        partner = x.flip(0)
+        if box is None:
+            x = x * lam + partner * (1.0 - lam)
+        else:
+            y0, y1, x0, x1 = box
+            x = x.clone()
+            x[:, :, y0:y1, x0:x1] = partner[:, :, y0:y1, x0:x1]
+        return x, targets * lam + targets.flip(0) * (1.0 - lam)
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"version": version, "internal": list(internal), "gauss": gauss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+class DeviceLoader:
+    """Batches of a device-resident dataset by index.
+
+    Training (``shuffle=True``): a new permutation every epoch from ``generator``, full batches
+    only (the remainder of the permutation is dropped, so every batch has the same shape and
+    ``torch.compile`` sees one). Evaluation: the data in order, the last batch smaller.
+
+    Args:
+        x: uint8 images (N, C, H, W) on the device.
+        y: int64 labels (N,).
+        batch_size: images per batch.
+        shuffle: draw a permutation per epoch and drop the incomplete last batch.
+        augment: callable ``(uint8 batch, generator) -> float batch``; ``normalize`` when ``None``.
+        seed: seed of the loader's generator (permutation and augmentation).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, augment=None, seed: int = 0):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if shuffle and len(x) < batch_size:
+            raise ValueError(
+                f"only {len(x)} training images for batch_size {batch_size}: lower batch_size or raise train_subset"
+            )
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.generator = torch.Generator(device=x.device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.shuffle else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.x)
+        if self.shuffle:
+            order = torch.randperm(n, device=self.x.device, generator=self.generator)
+        for i in range(len(self)):
+            if self.shuffle:
+                idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+                xb, yb = self.x[idx], self.y[idx]
+            else:
+                xb = self.x[i * self.batch_size : (i + 1) * self.batch_size]
+                yb = self.y[i * self.batch_size : (i + 1) * self.batch_size]
+            xb = self.augment(xb, self.generator) if self.augment is not None else normalize(xb)
+            yield xb, yb
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
