@@ -1,0 +1,403 @@
+"""Training engine: config validation, schedule, weight-decay groups, exact resume, checkpoints, logs, plots."""
+
+import csv
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import engine
+from data import load_cifar10
+from engine import CheckpointError, Config, ConfigMismatchError, Trainer, lr_at
+from models import DynamicTanh, ViT
+
+TIME_COLUMNS = {"epoch_seconds", "images_per_second"}
+
+
+def tiny(tmp_path, **overrides) -> Config:
+    base = dict(
+        epochs=3,
+        batch_size=32,
+        eval_batch_size=40,
+        dim=16,
+        depth=2,
+        heads=2,
+        warmup_epochs=1,
+        drop_path=0.2,
+        dropout=0.1,
+        device="cpu",
+        checkpoint_dir=str(tmp_path / "checkpoint"),
+        log_dir=str(tmp_path / "log"),
+        plot_dir=str(tmp_path / "plots"),
+    )
+    base.update(overrides)
+    return Config(**base)
+
+
+@pytest.fixture
+def cifar(fake_cifar):
+    return load_cifar10(fake_cifar, download=False)
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_time(table):
+    return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in table]
+
+
+# --- config -----------------------------------------------------------------------------------
+
+BAD_VALUES = {
+    "epochs": 0,
+    "seed": -1,
+    "run_name": "a/b",
+    "data_dir": "",
+    "download": "yes",
+    "train_subset": -5,
+    "test_subset": 1.5,
+    "batch_size": 0,
+    "eval_batch_size": -1,
+    "crop_padding": -1,
+    "hflip": 1,
+    "randaugment": None,
+    "randaug_ops": -1,
+    "randaug_magnitude": 10.5,
+    "randaug_magnitude_std": -0.1,
+    "mixup_alpha": -0.2,
+    "cutmix_alpha": float("nan"),
+    "label_smoothing": 1.0,
+    "norm": "batchnorm",
+    "alpha_init": 0.0,
+    "dim": 0,
+    "depth": 0,
+    "heads": True,
+    "patch_size": 0,
+    "mlp_ratio": -4.0,
+    "drop_path": 1.0,
+    "dropout": -0.5,
+    "lr": 0.0,
+    "min_lr": -1e-6,
+    "weight_decay": -0.05,
+    "warmup_epochs": -1.0,
+    "grad_clip": -1.0,
+    "amp": "fp8",
+    "compile": "yes",
+    "device": "gpu:x",
+    "checkpoint_dir": "",
+    "log_dir": 3,
+    "plot_dir": None,
+}
+
+
+def test_every_config_field_has_an_invalid_value_test():
+    assert set(BAD_VALUES) == {f.name for f in dataclasses.fields(Config)}
+
+
+@pytest.mark.parametrize("field, value", list(BAD_VALUES.items()))
+def test_invalid_config_value_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        Config(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(dim=100, heads=6), "divisible"),
+        (dict(patch_size=5), "patch_size"),
+        (dict(epochs=5, warmup_epochs=6), "warmup_epochs"),
+        (dict(lr=1e-4, min_lr=1e-3), "min_lr"),
+    ],
+)
+def test_invalid_combinations(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        Config(**kwargs)
+
+
+def test_defaults_are_the_seed_configuration():
+    cfg = Config()
+    assert (cfg.batch_size, cfg.dim, cfg.depth, cfg.heads, cfg.patch_size, cfg.mixup_alpha) == (256, 384, 6, 6, 4, 0.2)
+    assert cfg.randaugment and cfg.epochs == 200 and cfg.norm == "dyt" and cfg.name == "dyt_cifar10"
+    assert Config(norm="ln").name == "ln_cifar10" and Config(run_name="x").name == "x"
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown config fields: colour"):
+        Config.from_dict({**cfg.to_dict(), "colour": 1})
+
+
+def test_config_fields_reach_the_objects(cifar, tmp_path):
+    cfg = tiny(
+        tmp_path,
+        run_name="probe",
+        norm="dyt",
+        alpha_init=0.3,
+        dim=24,
+        depth=3,
+        heads=3,
+        patch_size=8,
+        mlp_ratio=2.0,
+        drop_path=0.3,
+        dropout=0.05,
+        lr=2e-3,
+        weight_decay=0.1,
+        batch_size=16,
+        eval_batch_size=7,
+        crop_padding=2,
+        hflip=False,
+        randaug_ops=3,
+        randaug_magnitude=4.0,
+        randaug_magnitude_std=0.0,
+        mixup_alpha=0.4,
+        cutmix_alpha=1.0,
+        label_smoothing=0.2,
+        amp="bf16",
+        warmup_epochs=0.5,
+        epochs=2,
+    )
+    t = Trainer(cfg, cifar, quiet=True)
+    m = t.model
+    assert m.patch_embed.kernel_size == (8, 8) and m.patch_embed.out_channels == 24 and len(m.blocks) == 3
+    assert m.blocks[0].attn.heads == 3 and m.blocks[0].mlp.fc1.out_features == 48
+    assert m.blocks[2].drop_path1.p == pytest.approx(0.3) and m.pos_drop.p == 0.05
+    assert isinstance(m.norm, DynamicTanh) and m.norm.alpha.item() == pytest.approx(0.3)
+    assert t.optimizer.param_groups[0]["lr"] == 2e-3 and t.optimizer.param_groups[0]["weight_decay"] == 0.1
+    assert t.train_loader.batch_size == 16 and t.test_loader.batch_size == 7 and t.steps_per_epoch == 200 // 16
+    assert t.warmup_steps == round(0.5 * 12) and t.total_steps == 2 * 12
+    assert t.augment.padding == 2 and t.augment.flip is False
+    ra = t.augment.randaugment
+    assert (ra.num_ops, ra.magnitude, ra.magnitude_std) == (3, 4.0, 0.0)
+    assert (t.mixup.mixup_alpha, t.mixup.cutmix_alpha, t.mixup.label_smoothing) == (0.4, 1.0, 0.2)
+    assert t.amp_dtype == torch.bfloat16 and t.net is t.model  # compile: auto is off on CPU
+    assert t.paths["latest"].name == "probe_latest.pth" and t.paths["plot"].parent == tmp_path / "plots"
+    assert Trainer(tiny(tmp_path, randaugment=False), cifar, quiet=True).augment.randaugment is None
+
+
+# --- schedule and optimizer -------------------------------------------------------------------
+
+
+def test_lr_schedule_values():
+    args = dict(total_steps=110, warmup_steps=10, peak=1e-3, floor=1e-5)
+    assert lr_at(0, **args) == pytest.approx(1e-4)
+    assert lr_at(9, **args) == pytest.approx(1e-3)
+    assert lr_at(10, **args) == pytest.approx(1e-3)
+    assert lr_at(60, **args) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    assert lr_at(110, **args) == pytest.approx(1e-5)
+    assert lr_at(35, **args) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(5, total_steps=100, warmup_steps=0, peak=1.0, floor=0.0) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 0.05))
+    )
+
+
+def test_weight_decay_only_on_matrices():
+    model = ViT(dim=16, depth=2, heads=2)
+    decay, no_decay = engine.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert decayed == {n for n, p in model.named_parameters() if p.ndim >= 2} - {"pos_embed", "cls_token"}
+    assert "blocks.0.norm1.alpha" not in decayed and "head.bias" not in decayed and "patch_embed.weight" in decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_soft_cross_entropy_equals_hard_for_one_hot():
+    logits = torch.randn(5, 10)
+    y = torch.tensor([1, 2, 3, 4, 5])
+    torch.testing.assert_close(
+        engine.soft_cross_entropy(logits, torch.nn.functional.one_hot(y, 10).float()),
+        torch.nn.functional.cross_entropy(logits, y),
+    )
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(cifar, tmp_path):
+    full = Trainer(tiny(tmp_path / "a"), cifar, quiet=True)
+    full.resume()
+    full.fit()
+
+    first = Trainer(tiny(tmp_path / "b"), cifar, quiet=True)
+    first.resume()
+    for epoch in list(first.remaining_epochs())[:2]:
+        first.run_epoch(epoch)
+    del first  # "the kernel died"
+    second = Trainer(tiny(tmp_path / "b"), cifar, quiet=True)
+    assert second.resume() == 2
+    assert list(second.remaining_epochs()) == [3]
+    second.fit()
+
+    a, b = full.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert second.step == full.step == 3 * full.steps_per_epoch
+    ra, rb = rows(full.paths["csv"]), rows(second.paths["csv"])
+    assert [r["epoch"] for r in rb] == ["1", "2", "3"]
+    assert without_time(ra) == without_time(rb)
+    log = second.paths["log"].read_text()
+    assert "resumed from" in log and "at epoch 2/3" in log and log.count("=== session") == 2
+
+
+def test_checkpoint_holds_everything_and_loads_weights_only(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True)
+    t.fit()
+    state = torch.load(t.paths["latest"], weights_only=True)
+    assert {"model", "optimizer", "scaler", "epoch", "step", "best_acc", "best_epoch", "config", "rng"} <= set(state)
+    assert set(state["rng"]) == {"torch", "cuda", "loader", "mixup"}
+    assert state["epoch"] == 1 and state["config"] == t.cfg.to_dict()
+    best = torch.load(t.paths["best"], weights_only=True)
+    assert best["epoch"] == 1 and best["test_acc"] == t.best_acc
+    assert not any(k.startswith("_orig_mod") for k in state["model"])
+
+
+def test_rerun_after_finishing_trains_nothing(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True)
+    t.fit()
+    again = Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True)
+    assert again.resume() == 1 and again.finished and list(again.remaining_epochs()) == []
+    assert len(rows(again.paths["csv"])) == 1
+
+
+def test_raising_epochs_continues_the_same_run(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    t.fit()
+    longer = Trainer(tiny(tmp_path, epochs=3), cifar, quiet=True)
+    assert longer.resume() == 2
+    longer.fit()
+    assert [r["epoch"] for r in rows(longer.paths["csv"])] == ["1", "2", "3"]
+    assert longer.total_steps == 3 * longer.steps_per_epoch
+
+
+@pytest.mark.parametrize("change", [dict(dim=32), dict(lr=5e-4), dict(norm="ln", run_name="dyt_cifar10")])
+def test_checkpoint_of_another_config_is_refused(cifar, tmp_path, change):
+    Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True).fit()
+    other = Trainer(tiny(tmp_path, epochs=1, **change), cifar, quiet=True)
+    with pytest.raises(ConfigMismatchError) as info:
+        other.resume()
+    for field in change:
+        if field != "run_name":
+            assert field in str(info.value)
+
+
+def test_ln_run_never_touches_dyt_files(cifar, tmp_path):
+    dyt = Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True)
+    dyt.fit()
+    before = dyt.paths["latest"].read_bytes()
+    ln = Trainer(tiny(tmp_path, epochs=1, norm="ln"), cifar, quiet=True)
+    assert ln.resume() is None
+    ln.fit()
+    assert ln.paths["latest"].name == "ln_cifar10_latest.pth" and dyt.paths["latest"].read_bytes() == before
+
+
+def test_corrupt_checkpoint_is_reported_and_best_kept(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True)
+    t.fit()
+    best = t.paths["best"].read_bytes()
+    latest = t.paths["latest"]
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    again = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    with pytest.raises(CheckpointError) as info:
+        again.resume()
+    assert str(latest) in str(info.value) and "best checkpoint" in str(info.value)
+    assert t.paths["best"].read_bytes() == best and latest.exists()
+
+
+def test_foreign_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "x.pth"
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        engine.load_checkpoint(path)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "run_latest.pth"
+    engine.save_checkpoint(path, {"format": 1, "config": {}, "v": torch.ones(3)})
+    good = path.read_bytes()
+
+    def crash(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        engine.save_checkpoint(path, {"format": 1, "config": {}, "v": torch.zeros(3)})
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["run_latest.pth"]  # no temp file left behind
+
+
+def test_resume_drops_csv_rows_past_the_checkpoint(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    for epoch in list(t.remaining_epochs())[:1]:
+        t.run_epoch(epoch)
+    # Epoch 2 was trained and logged, then the kernel died before its checkpoint was written.
+    extra = dict(rows(t.paths["csv"])[0], epoch="2")
+    engine.append_csv(t.paths["csv"], extra)
+    again = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    assert again.resume() == 1
+    assert [r["epoch"] for r in rows(again.paths["csv"])] == ["1"]
+    again.fit()
+    assert [r["epoch"] for r in rows(again.paths["csv"])] == ["1", "2"]
+    assert "dropped 1 CSV rows" in again.paths["log"].read_text()
+
+
+def test_run_epoch_refuses_to_repeat_an_epoch(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    t.run_epoch(1)
+    with pytest.raises(ValueError, match="not the next"):
+        t.run_epoch(1)
+
+
+# --- logs and plots ---------------------------------------------------------------------------
+
+
+def test_csv_log_and_config_files(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    t.resume()
+    t.fit()
+    table = rows(t.paths["csv"])
+    assert list(table[0])[:8] == list(engine.BASE_COLUMNS)
+    assert [c for c in table[0] if c.startswith("alpha_")] == [
+        "alpha_blocks.0.norm1",
+        "alpha_blocks.0.norm2",
+        "alpha_blocks.1.norm1",
+        "alpha_blocks.1.norm2",
+        "alpha_norm",
+    ]
+    assert 0 <= float(table[1]["test_acc"]) <= 1 and float(table[1]["lr"]) < float(table[0]["lr"])
+    assert float(table[1]["alpha_norm"]) == pytest.approx(t.model.norm.alpha.item())
+    log = t.paths["log"].read_text()
+    assert "environment: python=" in log and "torch=" in log and log.count("epoch    ") == 2
+    assert Config.from_dict(__import__("json").loads(t.paths["config"].read_text())) == t.cfg
+
+
+def test_plots_are_drawn_from_the_csv_alone(tmp_path):
+    csv_path = tmp_path / "run.csv"
+    for e in range(1, 6):
+        engine.append_csv(
+            csv_path,
+            {
+                "epoch": e,
+                "lr": 1e-3 / e,
+                "train_loss": 2 / e,
+                "train_acc": 0.1 * e,
+                "test_loss": 2.1 / e,
+                "test_acc": 0.12 * e,
+                "epoch_seconds": 1.0,
+                "images_per_second": 100.0,
+                "alpha_norm": 0.5 + 0.01 * e,
+            },
+        )
+    fig = engine.plot_run(csv_path, tmp_path / "p" / "run.png")
+    png = (tmp_path / "p" / "run.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert "best 60.00%" in [t.get_text() for t in fig.axes[1].get_legend().get_texts()][1]
+    engine.plot_comparison({"DyT": csv_path, "LN": csv_path}, tmp_path / "cmp.png")
+    assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_confusion_matrix_counts_every_test_image(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=1, eval_batch_size=15), cifar, quiet=True)
+    cm = t.confusion_matrix()
+    assert cm.shape == (10, 10) and cm.sum() == 50
+    assert torch.equal(cm.sum(1), torch.bincount(cifar.y_test, minlength=10))
