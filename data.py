@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -157,23 +158,30 @@ def normalize(x: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tens
     return (x.to(torch.float32) - m) / s
 
 
-def random_crop_flip(
-    x: torch.Tensor, padding: int, flip: bool, generator: Optional[torch.Generator] = None
+def draw_crop_flip(
+    batch: int, padding: int, flip: bool, device: torch.device, generator: Optional[torch.Generator] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample crop offsets (dy, dx) in [0, 2 * padding] and flip flags, each of shape (B,)."""
+    dy = torch.randint(0, 2 * padding + 1, (batch,), device=device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (batch,), device=device, generator=generator)
+    if flip:
+        mirrored = torch.rand(batch, device=device, generator=generator) < 0.5
+    else:
+        mirrored = torch.zeros(batch, dtype=torch.bool, device=device)
+    return dy, dx, mirrored
+
+
+def crop_flip(
+    x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor, mirrored: torch.Tensor
 ) -> torch.Tensor:
-    """Per-sample random crop of a zero-padded uint8 batch and horizontal flip with probability 1/2,
+    """Crop each image of the zero-padded uint8 batch at (dy, dx) and mirror it where ``mirrored``,
     as one gather (no per-image Python)."""
     B, C, H, W = x.shape
     dev = x.device
     if padding > 0:
         x = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (B,), device=dev, generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (B,), device=dev, generator=generator)
     cols = torch.arange(W, device=dev)
-    if flip:
-        mirrored = torch.rand(B, device=dev, generator=generator) < 0.5
-        cols = torch.where(mirrored[:, None], cols.flip(0)[None, :], cols[None, :])  # (B, W)
-    else:
-        cols = cols.expand(B, W)
+    cols = torch.where(mirrored[:, None], cols.flip(0)[None, :], cols[None, :])  # (B, W)
     rows = dy[:, None] + torch.arange(H, device=dev)[None, :]  # (B, H)
     cols = dx[:, None] + cols  # (B, W)
     b = torch.arange(B, device=dev)[:, None, None, None]
@@ -181,26 +189,64 @@ def random_crop_flip(
     return x[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def random_crop_flip(
+    x: torch.Tensor, padding: int, flip: bool, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip (probability 1/2), per sample."""
+    return crop_flip(x, padding, *draw_crop_flip(x.shape[0], padding, flip, x.device, generator))
+
+
 class TrainAugment:
     """Crop (zero padding) -> flip -> RandAugment -> normalise, on a uint8 batch on any device.
 
+    All random choices are drawn first (a handful of small kernels); the transform itself is a
+    pure function of the batch and those choices, so it can be compiled into a few fused kernels.
+
     Args:
-        padding: crop padding in pixels (0 disables the crop).
+        padding: crop padding in pixels (0 with ``flip=False`` disables crop and flip).
         flip: random horizontal flip.
         randaugment: a ``RandAugment`` or ``None``.
+        compile: run the transform through ``torch.compile`` (falls back to eager, with a
+            warning, if compilation fails).
     """
 
-    def __init__(self, padding: int = 4, flip: bool = True, randaugment: Optional[RandAugment] = None):
+    def __init__(
+        self, padding: int = 4, flip: bool = True, randaugment: Optional[RandAugment] = None, compile: bool = False
+    ):
         self.padding = padding
         self.flip = flip
         self.randaugment = randaugment
+        self.compiled = torch.compile(self.transform, dynamic=False) if compile else None
+
+    def draw(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict:
+        """The batch's random choices, as tensors."""
+        B = x.shape[0]
+        params = {"crop": None, "layers": []}
+        if self.padding or self.flip:
+            params["crop"] = draw_crop_flip(B, self.padding, self.flip, x.device, generator)
+        if self.randaugment is not None:
+            params["layers"] = [self.randaugment.draw(B, x.device, generator) for _ in range(self.randaugment.num_ops)]
+        return params
+
+    def transform(self, x: torch.Tensor, crop, layers) -> torch.Tensor:
+        """Apply drawn choices to a uint8 batch and normalise: float32 (B, C, H, W)."""
+        if crop is not None:
+            x = crop_flip(x, self.padding, *crop)
+        for op, level, sign in layers:
+            x = self.randaugment.apply(x, op, level, sign)
+        return normalize(x)
 
     def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        if self.padding or self.flip:
-            x = random_crop_flip(x, self.padding, self.flip, generator)
-        if self.randaugment is not None:
-            x = self.randaugment(x, generator)
-        return normalize(x)
+        params = self.draw(x, generator)
+        if self.compiled is not None:
+            try:
+                return self.compiled(x, **params)
+            except Exception as e:  # an Inductor/Triton failure must not stop training
+                warnings.warn(
+                    f"compiled augmentation failed ({type(e).__name__}: {e}); running it eagerly", stacklevel=2
+                )
+                self.compiled = None
+        return self.transform(x, **params)
 
 
 class Mixup:

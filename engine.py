@@ -501,8 +501,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(self.device)
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # the few float32 matmuls (loss, head under fp16)
+            torch.backends.cudnn.allow_tf32 = True
         self.net = torch.compile(self.model) if use_compile else self.model
         self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.amp_dtype = amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         randaug = (
@@ -510,7 +514,7 @@ class Trainer:
             if cfg.randaugment and cfg.randaug_ops > 0
             else None
         )
-        self.augment = TrainAugment(cfg.crop_padding, cfg.hflip, randaug)
+        self.augment = TrainAugment(cfg.crop_padding, cfg.hflip, randaug, compile=use_compile)
         self.train_loader = DeviceLoader(
             data.x_train, data.y_train, cfg.batch_size, shuffle=True, augment=self.augment, seed=cfg.seed
         )
@@ -626,36 +630,39 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
+    def train_step(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a prepared batch (soft targets); returns logits and loss, unsynced."""
+        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.cfg.lr, self.cfg.min_lr)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        with self._autocast():
+            logits = self.net(x)
+        loss = soft_cross_entropy(logits, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip, foreach=self.device.type == "cuda")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return logits, loss
+
     def train_epoch(self) -> dict:
         """One pass over the training set; metrics are accumulated on the device (no per-step sync)."""
         self.net.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         seen = 0
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         bar = (
             None
             if self.quiet
             else utils.progress_bar(self.steps_per_epoch, f"epoch {self.epoch + 1}", leave=False, unit="step")
         )
         start = time.perf_counter()
-        lr = self.optimizer.param_groups[0]["lr"]
         for i, (x, y) in enumerate(self.train_loader):
             x, targets = self.mixup(x, y)
-            lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.cfg.lr, self.cfg.min_lr)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            with self._autocast():
-                logits = self.net(x)
-            loss = soft_cross_entropy(logits, targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if self.cfg.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=self.device.type == "cuda")
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.step += 1
+            logits, loss = self.train_step(x, targets)
             seen += len(y)
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(-1) == targets.argmax(-1)).sum()
@@ -671,7 +678,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         return {
-            "lr": lr,
+            "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": train_loss,
             "train_acc": train_acc,
             "epoch_seconds": seconds,

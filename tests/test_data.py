@@ -217,3 +217,20 @@ def test_mixup_lambdas_follow_beta_and_state_restores():
     other = Mixup(mixup_alpha=0.2, seed=123)
     other.load_state_dict(state)
     assert [other.draw(32, 32)[0] for _ in range(5)] == after
+
+
+def test_augment_transform_traces_as_one_graph():
+    # TrainAugment(compile=True) compiles `transform`: it must have no graph breaks.
+    torch._dynamo.reset()
+    aug = TrainAugment(4, True, RandAugment())
+    x, _ = _indexed(8)
+    params = aug.draw(x, torch.Generator().manual_seed(0))
+    explanation = torch._dynamo.explain(aug.transform)(x, **params)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_augment_is_draw_then_transform():
+    aug = TrainAugment(4, True, RandAugment())
+    x, _ = _indexed(8)
+    params = aug.draw(x, torch.Generator().manual_seed(0))
+    assert torch.equal(aug(x, torch.Generator().manual_seed(0)), aug.transform(x, **params))
