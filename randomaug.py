@@ -125,9 +125,11 @@ def sharpness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend with a 3x3 smoothed image (1s around a 5, /13) inside a 1-pixel border kept as is."""
     C = img.shape[1]
     x = img.to(torch.float32)
-    a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], dtype=torch.float32, device=img.device)
-    blurred = F.conv2d(x, kernel.expand(C, 1, 3, 3), groups=C).round_()  # (B, C, H-2, W-2)
+    kernel = torch.ones(C, 1, 3, 3, dtype=torch.float32, device=img.device)
+    kernel[:, :, 1, 1] = 5.0
+    # Integer weights keep the convolution exact; (sum / 13) is never k + 1/2, so its rounding
+    # equals the rounding of torchvision's convolution with weights 1/13 and 5/13.
+    blurred = (F.conv2d(x, kernel, groups=C) / 13.0).round_()  # (B, C, H-2, W-2)
     inner = x[..., 1:-1, 1:-1]
     keep = _per_sample((1.0 - factor.double()).float())
     out = x.clone()
@@ -217,13 +219,14 @@ def affine(
     zero padding, then areas from outside the image set to ``fill`` (zeros when ``None``)."""
     B, C, H, W = img.shape
     dev = img.device
-    theta = matrix.to(torch.float32)
-    base = torch.empty(1, H, W, 3, dtype=torch.float32, device=dev)
-    base[..., 0].copy_(torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, steps=W, device=dev))
-    base[..., 1].copy_(torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, steps=H, device=dev).unsqueeze(-1))
-    base[..., 2].fill_(1)
-    scaled = theta.transpose(1, 2).div(torch.tensor([0.5 * W, 0.5 * H], dtype=torch.float32, device=dev))
-    grid = base.view(1, H * W, 3).expand(B, -1, -1).bmm(scaled).view(B, H, W, 2)
+    theta = matrix.to(torch.float32) / torch.tensor([[0.5 * W], [0.5 * H]], dtype=torch.float32, device=dev)
+    # Pixel-centred coordinates of the output grid, relative to the image centre.
+    xs = torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, steps=W, device=dev).view(1, 1, W)
+    ys = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, steps=H, device=dev).view(1, H, 1)
+    t = theta.view(B, 6, 1, 1)
+    grid = torch.stack(
+        [xs * t[:, 0] + ys * t[:, 1] + t[:, 2], xs * t[:, 3] + ys * t[:, 4] + t[:, 5]], dim=-1
+    )  # (B, H, W, [x, y]) in grid_sample's [-1, 1] units
     x = img.to(torch.float32)
     if fill is not None:
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
@@ -305,60 +308,99 @@ class RandAugment:
         sign = torch.where(torch.rand(batch, device=device, generator=generator) < 0.5, -1.0, 1.0)
         return op, level, sign
 
-    def apply(self, img: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-        """Apply op ``self.ops[op[i]]`` at ``level[i]``, ``sign[i]`` to sample ``i``, for all i."""
-        B, _, H, W = img.shape
+    def apply(
+        self, img: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor, grouped=None
+    ) -> torch.Tensor:
+        """Apply op ``self.ops[op[i]]`` at ``level[i]``, ``sign[i]`` to sample ``i``, for all i.
+
+        Two ways, with identical results: ``grouped`` gathers the samples of each op and runs the
+        op on them only (least work; shapes depend on the data, which costs host syncs on a GPU),
+        masked (``grouped=False``) runs every op on the whole batch and keeps each sample's own
+        with ``torch.where`` (fixed shapes, no syncs, compilable into a few kernels). The default
+        groups on CPU and masks elsewhere or while compiling."""
+        if grouped is None:
+            grouped = img.device.type == "cpu" and not torch.compiler.is_compiling()
         level = level.double()  # op parameters in float64, as torchvision computes them in Python
         sign = sign.double()
-        chosen = {name: op == i for i, name in enumerate(self.ops)}
-        out = img
-        if GEOMETRIC_OPS.intersection(self.ops):
-            out = torch.where(
-                _per_sample(self._is_geometric(chosen, B, img.device)),
-                affine(img, self._matrices(chosen, level, sign, H, W), self.interpolation, self.fill),
-                out,
-            )
-        enhance = 1.0 + sign * MAX_ENHANCE * level
-        pixel_ops = {
-            "autocontrast": lambda: autocontrast(img),
-            "equalize": lambda: equalize(img),
-            "solarize": lambda: solarize(img, 255.0 * (1.0 - level)),
-            "posterize": lambda: posterize(img, 8 - torch.round(MAX_POSTERIZE_DROP_BITS * level)),
-            "color": lambda: color(img, enhance),
-            "contrast": lambda: contrast(img, enhance),
-            "brightness": lambda: brightness(img, enhance),
-            "sharpness": lambda: sharpness(img, enhance),
-        }
-        for name, fn in pixel_ops.items():
-            if name in chosen:
-                out = torch.where(_per_sample(chosen[name]), fn(), out)
+        return self._apply_grouped(img, op, level, sign) if grouped else self._apply_masked(img, op, level, sign)
+
+    def _apply_grouped(self, img, op, level, sign) -> torch.Tensor:
+        out = img.clone()
+        geometric = self._is_geometric(op)
+        idx = geometric.nonzero().squeeze(1)
+        if len(idx):  # one warp for the samples of all geometric ops
+            out.index_copy_(0, idx, self._warp(img.index_select(0, idx), op[idx], level[idx], sign[idx]))
+        for i, name in enumerate(self.ops):
+            if name == "identity" or name in GEOMETRIC_OPS:
+                continue
+            idx = (op == i).nonzero().squeeze(1)
+            if len(idx):
+                out.index_copy_(0, idx, self._op(name, img.index_select(0, idx), level[idx], sign[idx]))
         return out
 
-    @staticmethod
-    def _is_geometric(chosen: dict, batch: int, device: torch.device) -> torch.Tensor:
-        mask = torch.zeros(batch, dtype=torch.bool, device=device)
-        for name in GEOMETRIC_OPS.intersection(chosen):
-            mask = mask | chosen[name]
+    def _apply_masked(self, img, op, level, sign) -> torch.Tensor:
+        out = img
+        if GEOMETRIC_OPS.intersection(self.ops):
+            out = torch.where(_per_sample(self._is_geometric(op)), self._warp(img, op, level, sign), out)
+        for i, name in enumerate(self.ops):
+            if name != "identity" and name not in GEOMETRIC_OPS:
+                out = torch.where(_per_sample(op == i), self._op(name, img, level, sign), out)
+        return out
+
+    def _is_geometric(self, op: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros_like(op, dtype=torch.bool)
+        for i, name in enumerate(self.ops):
+            if name in GEOMETRIC_OPS:
+                mask = mask | (op == i)
         return mask
 
-    def _matrices(self, chosen: dict, level: torch.Tensor, sign: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    def _warp(self, img, op, level, sign) -> torch.Tensor:
+        """One warp of the whole batch, each sample by its own geometric op (identity for samples
+        whose op is not geometric), with the parameters torchvision's RandAugment passes: rotate
+        gives the matrix -angle, shears pivot on the top-left corner, translations are whole pixels."""
+        H, W = img.shape[-2:]
         zero = torch.zeros_like(level)
+        chosen = {name: op == i for i, name in enumerate(self.ops) if name in GEOMETRIC_OPS}
 
-        def pick(name: str, value: torch.Tensor) -> torch.Tensor:
+        def only(name: str, value: torch.Tensor) -> torch.Tensor:
             return torch.where(chosen[name], value, zero) if name in chosen else zero
 
-        # torchvision's rotate passes -angle to the matrix; its shears pivot on the top-left corner.
-        angle = pick("rotate", -sign * MAX_ROTATE_DEGREES * level)
-        shear_x = pick("shear_x", torch.rad2deg(torch.atan(sign * MAX_SHEAR * level)))
-        shear_y = pick("shear_y", torch.rad2deg(torch.atan(sign * MAX_SHEAR * level)))
-        tx = pick("translate_x", sign * torch.trunc(level * TRANSLATE_FRACTION * W))
-        ty = pick("translate_y", sign * torch.trunc(level * TRANSLATE_FRACTION * H))
-        is_shear = (chosen["shear_x"] if "shear_x" in chosen else zero.bool()) | (
-            chosen["shear_y"] if "shear_y" in chosen else zero.bool()
+        shear = torch.rad2deg(torch.atan(sign * MAX_SHEAR * level))
+        shearing = only("shear_x", zero + 1) + only("shear_y", zero + 1)
+        matrix = inverse_affine_matrix(
+            angle=only("rotate", -sign * MAX_ROTATE_DEGREES * level),
+            translate=(
+                only("translate_x", sign * torch.trunc(level * TRANSLATE_FRACTION * W)),
+                only("translate_y", sign * torch.trunc(level * TRANSLATE_FRACTION * H)),
+            ),
+            shear=(only("shear_x", shear), only("shear_y", shear)),
+            center=(shearing * (-0.5 * W), shearing * (-0.5 * H)),
         )
-        cx = torch.where(is_shear, zero - W * 0.5, zero)
-        cy = torch.where(is_shear, zero - H * 0.5, zero)
-        return inverse_affine_matrix(angle, (tx, ty), (shear_x, shear_y), (cx, cy))
+        return affine(img, matrix, self.interpolation, self.fill)
+
+    def _op(self, name: str, img: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+        """Pixel op ``name`` on every sample of ``img`` with per-sample float64 ``level`` and ``sign``
+        (geometric ops go through ``_warp``)."""
+        enhance = 1.0 + sign * MAX_ENHANCE * level
+        if name == "autocontrast":
+            return autocontrast(img)
+        if name == "equalize":
+            return equalize(img)
+        if name == "solarize":
+            return solarize(img, 255.0 * (1.0 - level))
+        if name == "posterize":
+            return posterize(img, 8 - torch.round(MAX_POSTERIZE_DROP_BITS * level))
+        if name == "color":
+            return color(img, enhance)
+        if name == "contrast":
+            return contrast(img, enhance)
+        if name == "brightness":
+            return brightness(img, enhance)
+        if name == "sharpness":
+            return sharpness(img, enhance)
+        if name == "identity":
+            return img
+        raise ValueError(f"unknown op {name!r}")
 
 
 def magnitude_table(magnitude: float = MAX_MAGNITUDE, side: int = 32) -> dict[str, str]:

@@ -156,3 +156,16 @@ def test_translate_is_sized_for_small_images():
     img = _images(4)
     out = RandAugment().apply(img, torch.full((4,), OPS.index("translate_x")), torch.ones(4), torch.ones(4))
     assert torch.equal(out[..., 10:], img[..., :-10])
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_grouped_and_masked_execution_agree(interpolation):
+    img = _images(64)
+    aug = RandAugment(interpolation=interpolation)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        op, level, sign = aug.draw(64, img.device, g)
+        grouped = aug.apply(img, op, level, sign, grouped=True)
+        masked = aug.apply(img, op, level, sign, grouped=False)
+        assert torch.equal(grouped, masked)
+        img = grouped
