@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import utils
-from data import CIFAR10, CLASSES, DeviceLoader, Mixup, TrainAugment
+from data import CIFAR10, CLASSES, DeviceLoader, Mixup, TrainAugment, load_cifar10
 from models import ViT, alphas, count_parameters
 from randomaug import RandAugment
 
@@ -249,6 +249,23 @@ def build_model(cfg: Config) -> ViT:
         alpha_init=cfg.alpha_init,
         drop_path=cfg.drop_path,
         dropout=cfg.dropout,
+    )
+
+
+def build_augment(cfg: Config, compile: bool = False) -> TrainAugment:
+    randaug = (
+        RandAugment(cfg.randaug_ops, cfg.randaug_magnitude, cfg.randaug_magnitude_std)
+        if cfg.randaugment and cfg.randaug_ops > 0
+        else None
+    )
+    return TrainAugment(cfg.crop_padding, cfg.hflip, randaug, compile=compile)
+
+
+def load_data(cfg: Config) -> CIFAR10:
+    """CIFAR-10 on the config's device, downloading it into ``data_dir`` if allowed and needed."""
+    device = utils.resolve_device(cfg.device)
+    return load_cifar10(
+        cfg.data_dir, device, download=cfg.download, train_subset=cfg.train_subset, test_subset=cfg.test_subset
     )
 
 
@@ -509,12 +526,7 @@ class Trainer:
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.amp_dtype = amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        randaug = (
-            RandAugment(cfg.randaug_ops, cfg.randaug_magnitude, cfg.randaug_magnitude_std)
-            if cfg.randaugment and cfg.randaug_ops > 0
-            else None
-        )
-        self.augment = TrainAugment(cfg.crop_padding, cfg.hflip, randaug, compile=use_compile)
+        self.augment = build_augment(cfg, compile=use_compile)
         self.train_loader = DeviceLoader(
             data.x_train, data.y_train, cfg.batch_size, shuffle=True, augment=self.augment, seed=cfg.seed
         )
@@ -686,12 +698,14 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def predict(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits (float32) and labels of the whole test set, and the summed cross-entropy.
+    def predict(self, model: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (float32) and labels of the whole test set, and the summed cross-entropy, of
+        ``model`` (default: the model being trained).
 
         Every forward pass has ``eval_batch_size`` rows (the last batch is zero-padded), so a
         compiled model sees one shape."""
-        self.net.eval()
+        net = self.net if model is None else model
+        net.eval()
         outs, labels = [], []
         bs = self.cfg.eval_batch_size
         for x, y in self.test_loader:
@@ -699,7 +713,7 @@ class Trainer:
             if n < bs:
                 x = torch.cat([x, x.new_zeros((bs - n,) + x.shape[1:])])
             with self._autocast():
-                outs.append(self.net(x)[:n].float())
+                outs.append(net(x)[:n].float())
             labels.append(y)
         logits, labels = torch.cat(outs), torch.cat(labels)
         return logits, labels, F.cross_entropy(logits, labels, reduction="sum")
@@ -709,9 +723,9 @@ class Trainer:
         n = len(labels)
         return {"test_loss": loss_sum.item() / n, "test_acc": (logits.argmax(-1) == labels).sum().item() / n}
 
-    def confusion_matrix(self) -> torch.Tensor:
-        """(10, 10) counts, true class per row, of the current model on the test set."""
-        logits, labels, _ = self.predict()
+    def confusion_matrix(self, model: Optional[nn.Module] = None) -> torch.Tensor:
+        """(10, 10) counts, true class per row, of ``model`` (default: the trained one) on the test set."""
+        logits, labels, _ = self.predict(model)
         k = len(CLASSES)
         idx = labels * k + logits.argmax(-1)
         return torch.bincount(idx, minlength=k * k).reshape(k, k).cpu()
@@ -760,14 +774,16 @@ class Trainer:
         for epoch in self.remaining_epochs():
             self.run_epoch(epoch)
 
-    def load_best(self) -> dict:
-        """Load the best checkpoint's weights into the model (for final evaluation)."""
+    def best_model(self) -> tuple[ViT, dict]:
+        """A separate copy of the model with the best checkpoint's weights (the model being trained
+        is left alone, so training can continue), and that checkpoint's epoch and accuracy."""
         state = load_checkpoint(self.paths["best"])
         diff = config_differences(state["config"], self.cfg)
         if diff:
             raise ConfigMismatchError(f"{self.paths['best']} belongs to another config: {sorted(diff)}")
-        self.model.load_state_dict(state["model"])
-        return state
+        model = build_model(self.cfg).to(self.device)
+        model.load_state_dict(state["model"])
+        return model.eval(), {"epoch": state["epoch"], "test_acc": state["test_acc"]}
 
     def plot(self):
         return plot_run(

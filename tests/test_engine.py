@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import engine
-from data import load_cifar10
+from data import DatasetNotFoundError, load_cifar10
 from engine import CheckpointError, Config, ConfigMismatchError, Trainer, lr_at
 from models import DynamicTanh, ViT
 
@@ -401,3 +401,21 @@ def test_confusion_matrix_counts_every_test_image(cifar, tmp_path):
     cm = t.confusion_matrix()
     assert cm.shape == (10, 10) and cm.sum() == 50
     assert torch.equal(cm.sum(1), torch.bincount(cifar.y_test, minlength=10))
+
+
+def test_best_model_is_a_separate_copy_with_best_weights(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    t.fit()
+    model, info = t.best_model()
+    assert model is not t.model and info["epoch"] == t.best_epoch and info["test_acc"] == t.best_acc
+    saved = torch.load(t.paths["best"], weights_only=True)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    acc = t.confusion_matrix(model).diag().sum().item() / 50
+    assert acc == pytest.approx(t.best_acc)
+
+
+def test_load_data_reads_its_config_fields(fake_cifar, tmp_path):
+    d = engine.load_data(tiny(tmp_path, data_dir=str(fake_cifar), download=False, train_subset=64, test_subset=8))
+    assert len(d.x_train) == 64 and len(d.x_test) == 8 and d.x_train.device.type == "cpu"
+    with pytest.raises(DatasetNotFoundError, match="download=off"):
+        engine.load_data(tiny(tmp_path, data_dir=str(tmp_path / "empty"), download=False))
