@@ -602,6 +602,8 @@ class Trainer:
         Refuses (``ConfigMismatchError``) a checkpoint of another config, naming the fields; a
         corrupt file raises ``CheckpointError``. Rows of the CSV past the checkpoint's epoch (an
         epoch trained but not checkpointed before a crash) are dropped so none is duplicated."""
+        if self._session_started:  # already resumed or trained in this session: state is current
+            return self.epoch
         path = self.paths["latest"]
         if not path.exists():
             dropped = truncate_csv(self.paths["csv"], 0)
@@ -630,7 +632,10 @@ class Trainer:
         return self.epoch
 
     def remaining_epochs(self) -> Iterator[int]:
-        """1-based numbers of the epochs still to train."""
+        """1-based numbers of the epochs still to train (resuming first if ``resume`` was not called,
+        so a trainer built anew can never overwrite a run's checkpoint from epoch 0)."""
+        if not self._session_started:
+            self.resume()
         return iter(range(self.epoch + 1, self.cfg.epochs + 1))
 
     @property
@@ -735,7 +740,7 @@ class Trainer:
         if epoch != self.epoch + 1:
             raise ValueError(f"epoch {epoch} is not the next one (completed: {self.epoch})")
         if not self._session_started:
-            self._log_session("fresh start")
+            raise RuntimeError("call resume() (or iterate remaining_epochs()) before run_epoch()")
         stats = self.train_epoch()
         stats.update(self.evaluate())
         self.epoch = epoch

@@ -69,6 +69,39 @@ def notebook_service() -> str | None:
     return None
 
 
+def output_root(mount_drive: bool = True) -> Path:
+    """Where checkpoints, logs and plots go by default: Google Drive on Colab (mounted here if
+    ``mount_drive``), so a disconnect keeps them; /kaggle/working on Kaggle; else this folder."""
+    service = notebook_service()
+    if service == "colab":
+        drive = Path("/content/drive")
+        if mount_drive and not (drive / "MyDrive").is_dir():
+            try:
+                from google.colab import drive as colab_drive  # only exists on Colab
+
+                colab_drive.mount(str(drive))
+            except (ImportError, RuntimeError, ValueError) as e:
+                print(f"Google Drive not mounted ({e}); outputs stay on the VM and vanish with it.")
+        if (drive / "MyDrive").is_dir():
+            return drive / "MyDrive" / "dyt_cifar10"
+    if service == "kaggle":
+        return Path("/kaggle/working")
+    return Path(".")
+
+
+def show(path: str | Path) -> None:
+    """Show an image file inline in Jupyter; elsewhere say where it is."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(Image(filename=str(path)))
+    else:
+        print(f"[figure] {path}")
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, then move the temp file over ``path`` in one ``os.replace``.
 

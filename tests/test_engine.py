@@ -343,9 +343,21 @@ def test_resume_drops_csv_rows_past_the_checkpoint(cifar, tmp_path):
 
 def test_run_epoch_refuses_to_repeat_an_epoch(cifar, tmp_path):
     t = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    with pytest.raises(RuntimeError, match="resume"):
+        t.run_epoch(1)  # a trainer that has not looked for its checkpoint must not overwrite it
+    t.resume()
     t.run_epoch(1)
     with pytest.raises(ValueError, match="not the next"):
         t.run_epoch(1)
+
+
+def test_remaining_epochs_resumes_a_trainer_built_anew(cifar, tmp_path):
+    first = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    first.resume()
+    first.run_epoch(1)
+    rebuilt = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)  # the model cell re-run
+    assert list(rebuilt.remaining_epochs()) == [2] and rebuilt.step == rebuilt.steps_per_epoch
+    assert rebuilt.resume() == 1  # idempotent
 
 
 # --- logs and plots ---------------------------------------------------------------------------
