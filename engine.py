@@ -85,7 +85,7 @@ class Config:
     lr: float = 1e-3  # peak learning rate after warmup (AdamW)
     min_lr: float = 1e-5  # learning rate at the end of the cosine
     weight_decay: float = 0.05  # AdamW decoupled weight decay, on weight matrices only
-    warmup_epochs: float = 10.0  # linear warmup from ~0 to lr
+    warmup_epochs: float = 10.0  # linear warmup from ~0 to lr (a shorter run stops part-way up)
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     amp: str = "auto"  # "auto": bf16 on CUDA if supported, else fp16 + GradScaler, fp32 off CUDA; "bf16"/"fp16"/"off"
     compile: Optional[bool] = None  # torch.compile the model; None = on for CUDA, off elsewhere
@@ -102,8 +102,6 @@ class Config:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         if 32 % self.patch_size:
             raise ValueError(f"patch_size must divide the image side 32, got {self.patch_size}")
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs ({self.epochs})")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
 
@@ -394,6 +392,11 @@ def _figure(rows: int, cols: int, size: tuple[float, float]):
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 
+def _save(fig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def plot_run(csv_path: str | Path, out_path: str | Path, title: str = ""):
     """Loss, accuracy, learning rate and DyT alpha per layer, from the CSV alone. Returns the figure."""
     import pandas as pd
@@ -424,8 +427,7 @@ def plot_run(csv_path: str | Path, out_path: str | Path, title: str = ""):
     else:
         a.set(title="no DyT layers (LayerNorm run)")
     fig.suptitle(title or Path(csv_path).stem)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
+    _save(fig, out_path)
     return fig
 
 
@@ -445,8 +447,7 @@ def plot_comparison(csv_paths: dict[str, str | Path], out_path: str | Path, titl
         a.legend()
         a.grid(alpha=0.3)
     fig.suptitle(title)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
+    _save(fig, out_path)
     return fig
 
 
@@ -466,7 +467,7 @@ def plot_images(images: torch.Tensor, labels: torch.Tensor, out_path: Optional[s
             a.imshow(x[i])
             a.set_title(CLASSES[int(labels[i])], fontsize=8)
     if out_path is not None:
-        fig.savefig(out_path, dpi=110)
+        _save(fig, out_path)
     return fig
 
 
@@ -493,7 +494,7 @@ def plot_confusion(matrix: torch.Tensor, out_path: Optional[str | Path] = None, 
             )
     fig.colorbar(im, ax=a)
     if out_path is not None:
-        fig.savefig(out_path, dpi=110)
+        _save(fig, out_path)
     return fig
 
 

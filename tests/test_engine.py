@@ -108,7 +108,6 @@ def test_invalid_config_value_names_the_field(field, value):
     [
         (dict(dim=100, heads=6), "divisible"),
         (dict(patch_size=5), "patch_size"),
-        (dict(epochs=5, warmup_epochs=6), "warmup_epochs"),
         (dict(lr=1e-4, min_lr=1e-3), "min_lr"),
     ],
 )
@@ -185,6 +184,7 @@ def test_lr_schedule_values():
     assert lr_at(60, **args) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
     assert lr_at(110, **args) == pytest.approx(1e-5)
     assert lr_at(35, **args) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(4, total_steps=5, warmup_steps=10, peak=1.0, floor=0.0) == pytest.approx(0.5)  # run < warmup
     assert lr_at(5, total_steps=100, warmup_steps=0, peak=1.0, floor=0.0) == pytest.approx(
         0.5 * (1 + math.cos(math.pi * 0.05))
     )
