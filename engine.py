@@ -522,7 +522,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # the few float32 matmuls (loss, head under fp16)
             torch.backends.cudnn.allow_tf32 = True
-        self.net = torch.compile(self.model) if use_compile else self.model
+        self.net = torch.compile(self.model, dynamic=False) if use_compile else self.model  # 2 shapes: train, eval
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.amp_dtype = amp_dtype(cfg, self.device)

@@ -80,6 +80,14 @@ def bench_aug(device: torch.device, batches: int, tv_images: int) -> dict:
     tv(cpu_images[0])
     t_tv = timed(lambda: [tv(img) for img in cpu_images], torch.device("cpu"))
     tv_rate = tv_images / t_tv
+    if device.type == "cuda":  # the GPU (masked, compiled) path against the CPU (grouped) path
+        op, level, sign = ours.draw(256, device, g)
+        ref = ours.apply(x.cpu(), op.cpu(), level.cpu(), sign.cpu())
+        for name, fn in (("eager", ours.apply), ("compiled", torch.compile(ours.apply, dynamic=False))):
+            diff = (fn(x, op, level, sign).cpu().int() - ref.int()).abs()
+            print(
+                f"GPU {name} vs CPU: max |diff| {diff.max().item()}, pixels differing {(diff > 0).float().mean():.2e}"
+            )
     result = {
         "ours_images_per_s": ours_rate,
         "torchvision_per_image_cpu_images_per_s": tv_rate,
