@@ -400,6 +400,7 @@ def _save(fig, path: str | Path) -> None:
 def plot_run(csv_path: str | Path, out_path: str | Path, title: str = ""):
     """Loss, accuracy, learning rate and DyT alpha per layer, from the CSV alone. Returns the figure."""
     import pandas as pd
+    from matplotlib import colormaps
 
     df = pd.read_csv(csv_path)
     fig, ax = _figure(2, 2, (11, 7.5))
@@ -419,8 +420,9 @@ def plot_run(csv_path: str | Path, out_path: str | Path, title: str = ""):
     a.set(title="learning rate (end of epoch)", xlabel="epoch")
     a = ax[1, 1]
     alpha_cols = [c for c in df.columns if c.startswith("alpha_")]
-    for c in alpha_cols:
-        a.plot(df.epoch, df[c], label=c[len("alpha_") :])
+    colors = colormaps["viridis"]
+    for i, c in enumerate(alpha_cols):  # first layer dark, last (the final norm) light
+        a.plot(df.epoch, df[c], label=c[len("alpha_") :], color=colors(i / max(len(alpha_cols) - 1, 1)))
     if alpha_cols:
         a.legend(fontsize=7, ncol=2)
         a.set(title="DyT alpha per layer", xlabel="epoch")
