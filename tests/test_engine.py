@@ -431,3 +431,36 @@ def test_load_data_reads_its_config_fields(fake_cifar, tmp_path):
     assert len(d.x_train) == 64 and len(d.x_test) == 8 and d.x_train.device.type == "cpu"
     with pytest.raises(DatasetNotFoundError, match="download=off"):
         engine.load_data(tiny(tmp_path, data_dir=str(tmp_path / "empty"), download=False))
+
+
+def test_seed_sets_init_and_batch_order(cifar, tmp_path):
+    a = Trainer(tiny(tmp_path / "a", seed=1), cifar, quiet=True)
+    b = Trainer(tiny(tmp_path / "b", seed=1), cifar, quiet=True)
+    c = Trainer(tiny(tmp_path / "c", seed=2), cifar, quiet=True)
+    assert torch.equal(a.model.head.weight, b.model.head.weight)
+    assert not torch.equal(a.model.head.weight, c.model.head.weight)
+    order = [torch.cat([y for _, y in t.train_loader]) for t in (a, b, c)]
+    assert torch.equal(order[0], order[1]) and not torch.equal(order[0], order[2])
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.25])
+def test_grad_clip_is_applied_only_when_set(cifar, tmp_path, monkeypatch, grad_clip):
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, **kwargs):
+        calls.append(max_norm)
+        return real(params, max_norm, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    t = Trainer(tiny(tmp_path, grad_clip=grad_clip, epochs=1), cifar, quiet=True)
+    t.train_epoch()
+    assert calls == ([grad_clip] * t.steps_per_epoch if grad_clip else [])
+
+
+def test_learning_rate_follows_config(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=2, lr=2e-3, min_lr=5e-4, warmup_epochs=0.5), cifar, quiet=True)
+    t.resume()
+    lrs = [t.run_epoch(e)["lr"] for e in (1, 2)]
+    expected = [lr_at(e * t.steps_per_epoch - 1, t.total_steps, t.warmup_steps, 2e-3, 5e-4) for e in (1, 2)]
+    assert lrs == pytest.approx(expected) and 5e-4 < lrs[1] < 6e-4  # one step before the floor
