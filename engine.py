@@ -578,6 +578,7 @@ class Trainer:
             "best_acc": self.best_acc,
             "best_epoch": self.best_epoch,
             "rng": {
+                "device_type": self.device.type,
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "loader": self.train_loader.state_dict(),
@@ -586,7 +587,10 @@ class Trainer:
             "torch_version": str(torch.__version__),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> str:
+        """Restore a ``state_dict()``; returns a note when the random streams could not be restored
+        exactly (a checkpoint from another device type: a GPU generator's state means nothing to a
+        CPU one, so the loader is re-seeded from the seed and epoch instead)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -594,10 +598,17 @@ class Trainer:
         self.best_acc, self.best_epoch = float(state["best_acc"]), int(state["best_epoch"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
+        self.mixup.load_state_dict(rng["mixup"])
+        if rng["device_type"] != self.device.type:
+            self.train_loader.generator.manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
+            return (
+                f"checkpoint written on {rng['device_type']}, resumed on {self.device.type}: "
+                f"the loader's random stream is re-seeded, so batches differ from an uninterrupted run"
+            )
         if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.train_loader.load_state_dict(rng["loader"])
-        self.mixup.load_state_dict(rng["mixup"])
+        return ""
 
     def resume(self) -> Optional[int]:
         """Continue from ``<run>_latest.pth`` if it exists: returns its epoch, or None for a fresh start.
@@ -606,11 +617,11 @@ class Trainer:
         corrupt file raises ``CheckpointError``. Rows of the CSV past the checkpoint's epoch (an
         epoch trained but not checkpointed before a crash) are dropped so none is duplicated."""
         if self._session_started:  # already resumed or trained in this session: state is current
-            return self.epoch
+            return self.epoch or None
         path = self.paths["latest"]
         if not path.exists():
-            dropped = truncate_csv(self.paths["csv"], 0)
-            self._log_session(f"fresh start (no {path})" + (f"; dropped {dropped} stale CSV rows" if dropped else ""))
+            stale = self._set_aside_stale_csv()
+            self._log_session(f"fresh start (no {path})" + (f"; earlier CSV moved to {stale}" if stale else ""))
             return None
         state = load_checkpoint(path, self.paths["best"])
         diff = config_differences(state["config"], self.cfg)
@@ -625,14 +636,27 @@ class Trainer:
                 f"{path} has {state['step']} steps for {state['epoch']} epochs, but this data "
                 f"gives {self.steps_per_epoch} steps per epoch (different dataset size?)"
             )
-        self.load_state_dict(state)
+        note = self.load_state_dict(state)
         dropped = truncate_csv(self.paths["csv"], self.epoch)
         self._log_session(
             f"resumed from {path} at epoch {self.epoch}/{self.cfg.epochs} (best test acc "
             f"{100 * self.best_acc:.2f}% at epoch {self.best_epoch})"
             + (f"; dropped {dropped} CSV rows past it" if dropped else "")
+            + (f"; {note}" if note else "")
         )
+        if note and not self.quiet:
+            print(f"note: {note}")
         return self.epoch
+
+    def _set_aside_stale_csv(self) -> Optional[Path]:
+        """A CSV with rows but no checkpoint belongs to a run that cannot be continued: keep it
+        under another name (nothing is deleted) so the new run's CSV starts empty."""
+        csv_path = self.paths["csv"]
+        if not csv_path.exists() or not read_csv(csv_path):
+            return None
+        stale = csv_path.with_name(f"{csv_path.stem}.{time.strftime('%Y%m%d-%H%M%S')}.orphaned.csv")
+        csv_path.replace(stale)
+        return stale
 
     def remaining_epochs(self) -> Iterator[int]:
         """1-based numbers of the epochs still to train (resuming first if ``resume`` was not called,

@@ -243,7 +243,7 @@ def test_checkpoint_holds_everything_and_loads_weights_only(cifar, tmp_path):
     t.fit()
     state = torch.load(t.paths["latest"], weights_only=True)
     assert {"model", "optimizer", "scaler", "epoch", "step", "best_acc", "best_epoch", "config", "rng"} <= set(state)
-    assert set(state["rng"]) == {"torch", "cuda", "loader", "mixup"}
+    assert set(state["rng"]) == {"device_type", "torch", "cuda", "loader", "mixup"}
     assert state["epoch"] == 1 and state["config"] == t.cfg.to_dict()
     best = torch.load(t.paths["best"], weights_only=True)
     assert best["epoch"] == 1 and best["test_acc"] == t.best_acc
@@ -464,3 +464,32 @@ def test_learning_rate_follows_config(cifar, tmp_path):
     lrs = [t.run_epoch(e)["lr"] for e in (1, 2)]
     expected = [lr_at(e * t.steps_per_epoch - 1, t.total_steps, t.warmup_steps, 2e-3, 5e-4) for e in (1, 2)]
     assert lrs == pytest.approx(expected) and 5e-4 < lrs[1] < 6e-4  # one step before the floor
+
+
+def test_fresh_start_sets_an_orphaned_csv_aside(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True)
+    t.fit()
+    t.paths["latest"].unlink()  # the checkpoint is gone; its log stays
+    again = Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True)
+    assert again.resume() is None
+    aside = list((tmp_path / "log").glob("dyt_cifar10.*.orphaned.csv"))
+    assert len(aside) == 1 and [r["epoch"] for r in rows(aside[0])] == ["1"]
+    assert not again.paths["csv"].exists()
+    again.fit()
+    assert [r["epoch"] for r in rows(again.paths["csv"])] == ["1"]
+
+
+def test_checkpoint_from_another_device_type_resumes_with_reseeded_loader(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    t.resume()
+    t.run_epoch(1)
+    state = torch.load(t.paths["latest"], weights_only=True)
+    state["rng"]["device_type"] = "cuda"  # as written on a GPU: a CUDA generator state is 16 bytes
+    state["rng"]["loader"]["generator"] = torch.zeros(16, dtype=torch.uint8)
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]
+    torch.save(state, t.paths["latest"])
+    again = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    assert again.resume() == 1
+    assert "re-seeded" in again.paths["log"].read_text()
+    again.fit()
+    assert [r["epoch"] for r in rows(again.paths["csv"])] == ["1", "2"]
