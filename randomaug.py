@@ -2,9 +2,11 @@
 
 Each sample of a ``(B, C, H, W)`` uint8 batch draws its own ``num_ops`` operations (uniformly, with
 replacement, as torchvision and timm do), its own magnitude and its own signs. Nothing loops over
-images: every op is computed for the whole batch with per-sample parameters and each sample keeps
-the result of the op it drew (``torch.where``), so shapes never depend on the data, there is no
-host synchronisation, and the cost is a fixed few dozen kernels per layer.
+images. On a GPU every op is computed for the whole batch with per-sample parameters and each
+sample keeps the result of the op it drew (``torch.where``): shapes never depend on the data, there
+is no host synchronisation, and ``torch.compile`` fuses it into a few kernels. On a CPU the samples
+of each op are gathered and only they are transformed (least work). Both give the same images; all
+geometric ops of a layer share one ``grid_sample``.
 
 Every op mirrors ``torchvision.transforms.v2.functional`` on uint8 tensors (tests compare them op
 by op): the pixel ops agree exactly, the geometric ops use the same inverse-affine matrix, grid and
