@@ -229,6 +229,17 @@ def config_differences(saved: dict, current: Config) -> dict[str, tuple]:
     }
 
 
+def check_same_run(state: dict, cfg: Config, path: str | Path) -> None:
+    """Raise ``ConfigMismatchError`` naming each field in which checkpoint ``state`` differs from ``cfg``."""
+    diff = config_differences(state["config"], cfg)
+    if diff:
+        lines = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ConfigMismatchError(
+            f"{path} belongs to a run with another config ({lines}). Set those values back to use it, "
+            f"or give this run another run_name (or checkpoint_dir) to start a new one."
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Model, optimizer, schedule
 # ---------------------------------------------------------------------------------------------
@@ -624,13 +635,7 @@ class Trainer:
             self._log_session(f"fresh start (no {path})" + (f"; earlier CSV moved to {stale}" if stale else ""))
             return None
         state = load_checkpoint(path, self.paths["best"])
-        diff = config_differences(state["config"], self.cfg)
-        if diff:
-            lines = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            raise ConfigMismatchError(
-                f"{path} belongs to a run with another config ({lines}). Set those values back to resume it, "
-                f"or give this run another run_name (or checkpoint_dir) to start a new one."
-            )
+        check_same_run(state, self.cfg, path)
         if int(state["step"]) != int(state["epoch"]) * self.steps_per_epoch:
             raise ConfigMismatchError(
                 f"{path} has {state['step']} steps for {state['epoch']} epochs, but this data "
@@ -810,9 +815,7 @@ class Trainer:
         """A separate copy of the model with the best checkpoint's weights (the model being trained
         is left alone, so training can continue), and that checkpoint's epoch and accuracy."""
         state = load_checkpoint(self.paths["best"])
-        diff = config_differences(state["config"], self.cfg)
-        if diff:
-            raise ConfigMismatchError(f"{self.paths['best']} belongs to another config: {sorted(diff)}")
+        check_same_run(state, self.cfg, self.paths["best"])
         model = build_model(self.cfg).to(self.device)
         model.load_state_dict(state["model"])
         return model.eval(), {"epoch": state["epoch"], "test_acc": state["test_acc"]}
