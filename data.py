@@ -114,7 +114,7 @@ def ensure_cifar10(root: str | Path, download: bool = True) -> Path:
 
 
 @dataclass
-class CIFAR10:
+class CifarTensors:
     """Train and test images (N, 3, 32, 32) uint8 and labels (N,) int64, on one device."""
 
     x_train: torch.Tensor
@@ -129,7 +129,7 @@ def load_cifar10(
     download: bool = True,
     train_subset: int = 0,
     test_subset: int = 0,
-) -> CIFAR10:
+) -> CifarTensors:
     """Load CIFAR-10 onto ``device``; ``*_subset > 0`` keeps only the first that many images."""
     folder = ensure_cifar10(root, download=download)
 
@@ -143,7 +143,7 @@ def load_cifar10(
 
     x_train, y_train = read(TRAIN_FILES, train_subset)
     x_test, y_test = read(TEST_FILES, test_subset)
-    return CIFAR10(x_train, y_train, x_test, y_test)
+    return CifarTensors(x_train, y_train, x_test, y_test)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,10 +151,21 @@ def load_cifar10(
 # ---------------------------------------------------------------------------------------------
 
 
+_NORMALIZE_CONSTANTS: dict = {}  # (mean, std, device) -> tensors, made once per device
+
+
 def normalize(x: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 normalised with per-channel mean/std."""
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255.0
+    """uint8 (B, C, H, W) -> float32 normalised with per-channel mean/std.
+
+    The constants are copied to the device once, not per call (each copy would block the host)."""
+    key = (tuple(mean), tuple(std), x.device)
+    if key not in _NORMALIZE_CONSTANTS or torch.compiler.is_compiling():
+        m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255.0
+        s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255.0
+        if torch.compiler.is_compiling():  # traced code must not touch the cache
+            return (x.to(torch.float32) - m) / s
+        _NORMALIZE_CONSTANTS[key] = (m, s)
+    m, s = _NORMALIZE_CONSTANTS[key]
     return (x.to(torch.float32) - m) / s
 
 
@@ -187,13 +198,6 @@ def crop_flip(
     b = torch.arange(B, device=dev)[:, None, None, None]
     c = torch.arange(C, device=dev)[None, :, None, None]
     return x[b, c, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def random_crop_flip(
-    x: torch.Tensor, padding: int, flip: bool, generator: Optional[torch.Generator] = None
-) -> torch.Tensor:
-    """Random crop with zero padding and horizontal flip (probability 1/2), per sample."""
-    return crop_flip(x, padding, *draw_crop_flip(x.shape[0], padding, flip, x.device, generator))
 
 
 class TrainAugment:

@@ -255,6 +255,8 @@ class RandAugment:
         num_ops: ops applied in sequence to each sample (N).
         magnitude: M on the [0, 10] scale of the module docstring's table.
         magnitude_std: per-sample Gaussian noise on M (timm's ``mstd``); 0 for a fixed M.
+        prob: probability that each drawn op is applied (timm's ``p``, 0.5 in its ``rand-m9-mstd0.5``);
+            a skipped op leaves the sample as it is. 1.0 applies all ``num_ops``.
         ops: the op names to draw from (a subset of ``OPS``).
         interpolation: ``"nearest"`` (torchvision's default) or ``"bilinear"``.
         fill: per-channel value for areas moved in from outside the image.
@@ -265,6 +267,7 @@ class RandAugment:
         num_ops: int = 2,
         magnitude: float = 9.0,
         magnitude_std: float = 0.5,
+        prob: float = 1.0,
         ops: Sequence[str] = OPS,
         interpolation: str = "nearest",
         fill: Sequence[float] = CIFAR10_MEAN_UINT8,
@@ -275,6 +278,8 @@ class RandAugment:
             raise ValueError(f"magnitude must be in [0, {MAX_MAGNITUDE:g}], got {magnitude!r}")
         if not isinstance(magnitude_std, (int, float)) or magnitude_std < 0:
             raise ValueError(f"magnitude_std must be >= 0, got {magnitude_std!r}")
+        if not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
+            raise ValueError(f"prob must be in [0, 1], got {prob!r}")
         unknown = [op for op in ops if op not in OPS]
         if unknown or not ops:
             raise ValueError(f"ops must be a non-empty subset of {OPS}, got unknown {unknown!r}")
@@ -283,6 +288,7 @@ class RandAugment:
         self.num_ops = num_ops
         self.magnitude = float(magnitude)
         self.magnitude_std = float(magnitude_std)
+        self.prob = float(prob)
         self.ops = tuple(ops)
         self.interpolation = interpolation
         self.fill = tuple(float(v) for v in fill)
@@ -290,7 +296,8 @@ class RandAugment:
     def __repr__(self) -> str:
         return (
             f"RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude}, "
-            f"magnitude_std={self.magnitude_std}, ops={len(self.ops)}, interpolation={self.interpolation!r})"
+            f"magnitude_std={self.magnitude_std}, prob={self.prob}, ops={len(self.ops)}, "
+            f"interpolation={self.interpolation!r})"
         )
 
     def __call__(self, img: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -301,8 +308,11 @@ class RandAugment:
         return img
 
     def draw(self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None):
-        """One layer's random choices: op index (B,), level f = m/10 in [0, 1] (B,), sign ±1 (B,)."""
+        """One layer's random choices: op index (B,), level f = m/10 in [0, 1] (B,), sign ±1 (B,).
+        A sample whose op is skipped (probability ``1 - prob``) gets op index -1, which matches no op."""
         op = torch.randint(len(self.ops), (batch,), device=device, generator=generator)
+        if self.prob < 1:
+            op = torch.where(torch.rand(batch, device=device, generator=generator) < self.prob, op, -1)
         m = torch.full((batch,), self.magnitude, device=device)
         if self.magnitude_std > 0:
             m = m + self.magnitude_std * torch.randn(batch, device=device, generator=generator)

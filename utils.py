@@ -1,15 +1,12 @@
-"""Small helpers: progress bar, seeding, device and environment report, atomic file writes."""
+"""Small helpers: progress bar, durations, device and environment report, where outputs go, showing figures."""
 
 from __future__ import annotations
 
 import os
 import platform
-import random
-import tempfile
+import sys
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -19,11 +16,28 @@ def progress_bar(total: int, desc: str = "", leave: bool = True, unit: str = "it
     return tqdm(total=total, desc=desc, leave=leave, unit=unit, dynamic_ncols=True, **kwargs)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def duration(seconds: float) -> str:
+    """``3725`` -> ``"1h 02m"``, ``185`` -> ``"3m 05s"``, ``7.2`` -> ``"7s"``."""
+    seconds = max(0, round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def progress_renders() -> bool:
+    """Whether progress bars show up: a terminal, or a Jupyter kernel (widgets). Not a pipe or a log
+    file, where they only clutter the output (headless papermill runs pass ``show_progress=False``)."""
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except ImportError:
+        shell = None
+    if shell is not None and type(shell).__name__ == "ZMQInteractiveShell":
+        return True
+    return sys.stdout.isatty()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -69,13 +83,13 @@ def notebook_service() -> str | None:
     return None
 
 
-def output_root(mount_drive: bool = True) -> Path:
-    """Where checkpoints, logs and plots go by default: Google Drive on Colab (mounted here if
-    ``mount_drive``), so a disconnect keeps them; /kaggle/working on Kaggle; else this folder."""
+def prepare_output_root(mount_google_drive: bool = True) -> Path:
+    """Where checkpoints, logs and plots go by default, mounting Google Drive on Colab when
+    ``mount_google_drive`` (a disconnect then keeps them); /kaggle/working on Kaggle; else this folder."""
     service = notebook_service()
     if service == "colab":
         drive = Path("/content/drive")
-        if mount_drive and not (drive / "MyDrive").is_dir():
+        if mount_google_drive and not (drive / "MyDrive").is_dir():
             try:
                 from google.colab import drive as colab_drive  # only exists on Colab
 
@@ -100,23 +114,3 @@ def show(path: str | Path) -> None:
         display(Image(filename=str(path)))
     else:
         print(f"[figure] {path}")
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, then move the temp file over ``path`` in one ``os.replace``.
-
-    A crash or an exception during ``write`` leaves the previous ``path`` intact (the temp file is
-    removed on error)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data import CIFAR10  # noqa: E402
-from engine import Config, Trainer  # noqa: E402
+from config import Config  # noqa: E402
+from data import CifarTensors  # noqa: E402
 from randomaug import RandAugment  # noqa: E402
+from training import Trainer  # noqa: E402
 
 EPOCH_IMAGES = 50_000
 
@@ -100,7 +101,7 @@ def bench_aug(device: torch.device, batches: int, tv_images: int) -> dict:
     return result
 
 
-def synthetic_cifar(device: torch.device, n_train: int = 50_000, n_test: int = 10_000) -> CIFAR10:
+def synthetic_cifar(device: torch.device, n_train: int = 50_000, n_test: int = 10_000) -> CifarTensors:
     g = torch.Generator(device=device).manual_seed(0)
 
     def imgs(n):
@@ -109,7 +110,7 @@ def synthetic_cifar(device: torch.device, n_train: int = 50_000, n_test: int = 1
     def labels(n):
         return torch.randint(0, 10, (n,), device=device, generator=g)
 
-    return CIFAR10(imgs(n_train), labels(n_train), imgs(n_test), labels(n_test))
+    return CifarTensors(imgs(n_train), labels(n_train), imgs(n_test), labels(n_test))
 
 
 def model_only(trainer: Trainer, steps: int) -> float:
@@ -148,7 +149,7 @@ def bench_train(device: torch.device, batch_size: int, out_dir: Path) -> dict:
             log_dir=str(out_dir / "log"),
             plot_dir=str(out_dir / "plots"),
         )
-        tr = Trainer(cfg, data, quiet=True)
+        tr = Trainer(cfg, data, show_progress=False, print_epochs=False)
         steps = tr.steps_per_epoch
         per_epoch = EPOCH_IMAGES / (steps * batch_size)  # seconds for 50k images per measured second
         t0 = time.perf_counter()
@@ -156,7 +157,7 @@ def bench_train(device: torch.device, batch_size: int, out_dir: Path) -> dict:
         tr.evaluate()
         warm = time.perf_counter() - t0
         torch.cuda.reset_peak_memory_stats(device)
-        full = min(tr.train_epoch()["epoch_seconds"], tr.train_epoch()["epoch_seconds"])
+        full = min(tr.train_epoch()["train_seconds"], tr.train_epoch()["train_seconds"])
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         floor = model_only(tr, steps)
         aug = aug_only(tr)
@@ -211,8 +212,8 @@ def bench_train_cpu(batch_size: int, out_dir: Path) -> dict:
         log_dir=str(out_dir / "log"),
         plot_dir=str(out_dir / "plots"),
     )
-    tr = Trainer(cfg, data, quiet=True)
-    full = tr.train_epoch()["epoch_seconds"]
+    tr = Trainer(cfg, data, show_progress=False, print_epochs=False)
+    full = tr.train_epoch()["train_seconds"]
     floor = model_only(tr, tr.steps_per_epoch)
     aug = aug_only(tr)
     result = {"full_step_s": full, "model_only_s": floor, "augmentation_s": aug, "full_over_model_only": full / floor}

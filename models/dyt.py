@@ -7,7 +7,7 @@ arXiv 2503.10622) replaces every LayerNorm with an element-wise
 
 where ``alpha`` is one learnable scalar (init 0.5 for ViTs) and ``weight``/``bias`` are the usual
 per-channel affine parameters. The norm is injected, so the same ``ViT`` class builds the
-LayerNorm baseline (``norm="ln"``) with a LayerNorm exactly where the DyT model has a DyT: two per
+LayerNorm baseline (``norm_layer=nn.LayerNorm``) with a LayerNorm exactly where the DyT model has a DyT: two per
 block plus the final one.
 
 Read top-down: DynamicTanh -> DropPath -> Attention -> Mlp -> Block -> ViT.
@@ -15,26 +15,14 @@ Read top-down: DynamicTanh -> DropPath -> Attention -> Mlp -> Block -> ViT.
 
 from __future__ import annotations
 
-from typing import Callable, Union
+import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-NormFactory = Callable[[int], nn.Module]
-NormSpec = Union[str, NormFactory]
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _probability(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
+NormLayer = Callable[[int], nn.Module]  # dim -> norm module, e.g. nn.LayerNorm or partial(DynamicTanh, ...)
 
 
 class DynamicTanh(nn.Module):
@@ -48,9 +36,8 @@ class DynamicTanh(nn.Module):
 
     def __init__(self, dim: int, alpha_init: float = 0.5):
         super().__init__()
-        self.dim = _positive_int("dim", dim)
-        if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float)) or not alpha_init > 0:
-            raise ValueError(f"alpha_init must be a number > 0, got {alpha_init!r}")
+        assert dim > 0 and alpha_init > 0, (dim, alpha_init)
+        self.dim = dim
         self.alpha_init = float(alpha_init)
         self.alpha = nn.Parameter(torch.full((1,), self.alpha_init))
         self.weight = nn.Parameter(torch.ones(dim))
@@ -61,19 +48,6 @@ class DynamicTanh(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.dim}, alpha_init={self.alpha_init}"
-
-
-def make_norm_factory(norm: NormSpec, alpha_init: float = 0.5) -> NormFactory:
-    """Turn ``"dyt"``, ``"ln"`` or a callable ``dim -> nn.Module`` into a norm factory."""
-    if callable(norm):
-        return norm
-    if norm == "dyt":
-        if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float)) or not alpha_init > 0:
-            raise ValueError(f"alpha_init must be a number > 0, got {alpha_init!r}")
-        return lambda dim: DynamicTanh(dim, alpha_init=alpha_init)
-    if norm == "ln":
-        return lambda dim: nn.LayerNorm(dim)
-    raise ValueError(f"norm must be 'dyt', 'ln' or a callable dim -> nn.Module, got {norm!r}")
 
 
 class DropPath(nn.Module):
@@ -118,8 +92,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
+        assert dim % heads == 0, f"dim {dim} must be divisible by heads {heads}"
         self.heads = heads
         self.head_dim = dim // heads
         self.attn_drop = attn_drop
@@ -164,7 +137,7 @@ class Block(nn.Module):
         dim: token width.
         heads: attention heads.
         mlp_hidden: MLP hidden width.
-        norm_factory: builds the two norms (DyT or LayerNorm).
+        norm_layer: builds the two norms (DyT or LayerNorm) from the width.
         drop_path: stochastic-depth probability of this block.
         dropout: dropout in attention projection and MLP.
         attn_dropout: dropout on attention weights.
@@ -175,16 +148,16 @@ class Block(nn.Module):
         dim: int,
         heads: int,
         mlp_hidden: int,
-        norm_factory: NormFactory,
+        norm_layer: NormLayer,
         drop_path: float = 0.0,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
     ):
         super().__init__()
-        self.norm1 = norm_factory(dim)
+        self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, heads, attn_drop=attn_dropout, proj_drop=dropout)
         self.drop_path1 = _drop_path(drop_path)
-        self.norm2 = norm_factory(dim)
+        self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, mlp_hidden, drop=dropout)
         self.drop_path2 = _drop_path(drop_path)
 
@@ -206,11 +179,14 @@ class ViT(nn.Module):
         depth: number of blocks.
         heads: attention heads.
         mlp_ratio: MLP hidden width as a multiple of ``dim``.
-        norm: ``"dyt"``, ``"ln"`` or a callable ``dim -> nn.Module``.
-        alpha_init: DyT's initial alpha (used with ``norm="dyt"``); must be > 0.
+        norm_layer: the norm, as a callable ``dim -> nn.Module``: ``nn.LayerNorm`` or
+            ``functools.partial(DynamicTanh, alpha_init=0.5)`` (the default).
         drop_path: stochastic depth of the last block, rising linearly from 0 in the first.
         dropout: dropout after the embedding, in the attention projection and the MLP.
         attn_dropout: dropout on the attention weights.
+        pool: ``"cls"`` (a cls token, read by the head) or ``"gap"`` (no cls token; the head reads
+            the mean of the final-norm tokens).
+        attn_init: ``"default"`` (timm's truncated normal) or ``"mimetic"`` (``mimetic_init_``).
     """
 
     def __init__(
@@ -223,54 +199,40 @@ class ViT(nn.Module):
         depth: int = 6,
         heads: int = 6,
         mlp_ratio: float = 4.0,
-        norm: NormSpec = "dyt",
-        alpha_init: float = 0.5,
+        norm_layer: NormLayer = DynamicTanh,
         drop_path: float = 0.0,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
+        pool: str = "cls",
+        attn_init: str = "default",
     ):
         super().__init__()
-        for name, value in [
-            ("img_size", img_size),
-            ("patch_size", patch_size),
-            ("in_chans", in_chans),
-            ("num_classes", num_classes),
-            ("dim", dim),
-            ("depth", depth),
-            ("heads", heads),
-        ]:
-            _positive_int(name, value)
-        if img_size % patch_size:
-            raise ValueError(
-                f"img_size must be divisible by patch_size, got img_size={img_size}, patch_size={patch_size}"
-            )
-        if dim % heads:
-            raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be a number > 0, got {mlp_ratio!r}")
-        drop_path = _probability("drop_path", drop_path)
-        dropout = _probability("dropout", dropout)
-        attn_dropout = _probability("attn_dropout", attn_dropout)
-        norm_factory = make_norm_factory(norm, alpha_init)
-
+        assert pool in ("cls", "gap") and attn_init in ("default", "mimetic"), (pool, attn_init)
+        assert img_size % patch_size == 0 and dim % heads == 0 and mlp_ratio > 0, (img_size, patch_size, dim, heads)
         self.num_patches = (img_size // patch_size) ** 2
         self.patch_embed = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
+        self.pool = pool
+        self.num_prefix_tokens = 1 if pool == "cls" else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + self.num_prefix_tokens, dim))
         self.pos_drop = _dropout(dropout)
         mlp_hidden = int(round(dim * mlp_ratio))
         rates = [drop_path * i / (depth - 1) if depth > 1 else drop_path for i in range(depth)]
         self.blocks = nn.Sequential(
             *[
-                Block(dim, heads, mlp_hidden, norm_factory, drop_path=r, dropout=dropout, attn_dropout=attn_dropout)
+                Block(dim, heads, mlp_hidden, norm_layer, drop_path=r, dropout=dropout, attn_dropout=attn_dropout)
                 for r in rates
             ]
         )
-        self.norm = norm_factory(dim)
+        self.norm = norm_layer(dim)
         self.head = nn.Linear(dim, num_classes)
         self.apply(self._init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if attn_init == "mimetic":
+            for block in self.blocks:
+                mimetic_init_(block.attn)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -283,19 +245,53 @@ class ViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters with ndim >= 2 that must not be weight-decayed."""
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token"} if self.cls_token is not None else {"pos_embed"}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # (B, D, H/p, W/p)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N+1, D)
-        x = self.blocks(self.pos_drop(x))
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N+1, D)
+        x = self.blocks(self.pos_drop(x + self.pos_embed))
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)  # (B, N+1, D)
-        return self.head(x[:, 0])  # (B, num_classes)
+        x = self.forward_features(x)  # (B, N+prefix, D)
+        x = x[:, 0] if self.pool == "cls" else x.mean(dim=1)  # (B, D)
+        return self.head(x)  # (B, num_classes)
+
+
+# Mimetic initialization (Trockman & Kolter, "Mimetic Initialization of Self-Attention Layers",
+# ICML 2023, arXiv 2305.09828): attention starts out mixing tokens the way trained attention does.
+MIMETIC_QK = (0.7, 0.7)  # (alpha1, beta1): W_q^T W_k ~ alpha1 * Z + beta1 * I
+MIMETIC_VO = (0.4, 0.4)  # (alpha2, beta2): the value-output map ~ alpha2 * Z - beta2 * I
+
+
+def _factor(dim: int, alpha: float, beta: float, rank: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """L (dim, rank), R (rank, dim) with L @ R the best rank-``rank`` approximation of
+    ``alpha * Z + beta * I``, Z having i.i.d. N(0, 1/dim) entries (singular values split evenly)."""
+    z = torch.randn(dim, dim, generator=generator) / math.sqrt(dim)
+    u, s, vh = torch.linalg.svd(alpha * z + beta * torch.eye(dim))
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+@torch.no_grad()
+def mimetic_init_(attn: Attention, qk=MIMETIC_QK, vo=MIMETIC_VO, generator=None) -> None:
+    """Set ``attn``'s weights so that, per head h, W_q[h]^T W_k[h] ~ alpha1 Z + beta1 I (each token
+    attends to itself and similar tokens) and the value-output map W_o W_v ~ alpha2 Z - beta2 I,
+    as ``nn.Linear`` maps x -> x W^T. Biases are zeroed."""
+    dim, k = attn.proj.in_features, attn.head_dim
+    q, kk, v = attn.qkv.weight.view(3, dim, dim).unbind(0)  # each (out = heads * k, in = dim)
+    for h in range(attn.heads):
+        left, right = _factor(dim, *qk, k, generator)  # left @ right ~ A1
+        q[h * k : (h + 1) * k] = left.T.to(q.dtype)  # W_q[h]^T W_k[h] = left @ right
+        kk[h * k : (h + 1) * k] = right.to(kk.dtype)
+    left, right = _factor(dim, vo[0], -vo[1], dim, generator)  # left @ right ~ A2
+    v.copy_(left.T)  # the map x -> x W_v^T W_o^T has matrix W_v^T W_o^T = left @ right
+    attn.proj.weight.copy_(right.T)
+    attn.qkv.bias.zero_()
+    attn.proj.bias.zero_()
 
 
 def alphas(model: nn.Module) -> dict[str, float]:
@@ -319,7 +315,7 @@ __all__ = [
     "Mlp",
     "Block",
     "ViT",
-    "make_norm_factory",
+    "mimetic_init_",
     "alphas",
     "count_parameters",
 ]

@@ -35,3 +35,12 @@ def write_fake_cifar10(root: Path, per_batch: int = 40, test: int = 50, seed: in
 @pytest.fixture
 def fake_cifar(tmp_path):
     return write_fake_cifar10(tmp_path / "data")
+
+
+QUIET = dict(show_progress=False, print_epochs=False)  # Trainer keyword arguments: nothing on screen
+
+
+def train_all(trainer) -> None:
+    """Train every remaining epoch, as the notebook's training cell does."""
+    for epoch in trainer.remaining_epochs():
+        trainer.run_epoch(epoch)

@@ -15,9 +15,10 @@ from data import (
     DeviceLoader,
     Mixup,
     TrainAugment,
+    crop_flip,
+    draw_crop_flip,
     load_cifar10,
     normalize,
-    random_crop_flip,
 )
 from randomaug import RandAugment
 
@@ -128,6 +129,10 @@ def test_loader_rejects_too_few_images():
     x, y = _indexed(10)
     with pytest.raises(ValueError, match="batch_size"):
         DeviceLoader(x, y, batch_size=32, shuffle=True)
+
+
+def random_crop_flip(x, padding, flip, generator=None):
+    return crop_flip(x, padding, *draw_crop_flip(x.shape[0], padding, flip, x.device, generator))
 
 
 def test_crop_flip_outputs_are_windows_of_the_padded_image():

@@ -7,13 +7,14 @@ from pathlib import Path
 import torch
 
 from conftest import write_fake_cifar10
-from engine import read_csv
+from run_files import read_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "dyt_cifar10.ipynb"
 REQUIRED_PARAMETERS = {
     "epochs", "batch_size", "dim", "depth", "heads", "norm", "seed", "device", "data_dir", "checkpoint_dir",
-    "log_dir", "plot_dir", "train_subset", "test_subset", "compile",
+    "log_dir", "plot_dir", "train_subset", "test_subset", "compile", "overrides", "run_name", "lr", "download",
+    "compare_seeds", "show_progress",
 }  # fmt: skip
 
 
@@ -33,7 +34,7 @@ def test_parameters_cell_holds_plain_values():
     exec("".join(tagged[0]["source"]), namespace)
     values = {k: v for k, v in namespace.items() if not k.startswith("__")}
     assert REQUIRED_PARAMETERS <= set(values)
-    assert all(v is None or isinstance(v, (bool, int, float, str)) for v in values.values())
+    assert all(v is None or isinstance(v, (bool, int, float, str, dict, list)) for v in values.values())
 
 
 def test_notebook_has_no_ipython_magics_or_argv():
@@ -76,7 +77,7 @@ def test_notebook_trains_then_resumes(tmp_path):
         show_progress=False,
     )
     first = _execute(tmp_path, "first", epochs=2, **common)
-    assert "starting fresh" in _text(first) and "finished 2/2 epochs" in _text(first)
+    assert "starting fresh" in _text(first) and "finished: 2 of 2 epochs trained" in _text(first)
     csv_path = tmp_path / "log" / "dyt_cifar10.csv"
     assert [r["epoch"] for r in read_csv(csv_path)] == ["1", "2"]
     log = (tmp_path / "log" / "dyt_cifar10.log").read_text()
@@ -88,14 +89,16 @@ def test_notebook_trains_then_resumes(tmp_path):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
     rows_before = read_csv(csv_path)
 
-    second = _execute(tmp_path, "second", epochs=3, compare_ln=True, **common)
+    second = _execute(tmp_path, "second", epochs=3, compare_seeds=[0], **common)
     text = _text(second)
-    assert "resuming after epoch 2 of 3" in text and "finished 3/3 epochs" in text
+    assert "resuming after epoch 2 of 3" in text and "finished: 3 of 3 epochs trained" in text
     rows = read_csv(csv_path)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[:2] == rows_before  # continued, not redone
     assert "resumed from" in (tmp_path / "log" / "dyt_cifar10.log").read_text()
-    assert [r["epoch"] for r in read_csv(tmp_path / "log" / "ln_cifar10.csv")] == ["1", "2", "3"]
-    assert (tmp_path / "plots" / "dyt_vs_ln.png").read_bytes()[:4] == b"\x89PNG"
+    for twin in ("dyt_cifar10_norm-dyt_seed-0", "dyt_cifar10_norm-ln_seed-0"):  # the comparison's own runs
+        assert [r["epoch"] for r in read_csv(tmp_path / "log" / f"{twin}.csv")] == ["1", "2", "3"]
+    assert (tmp_path / "plots" / "dyt_cifar10_norms.png").read_bytes()[:4] == b"\x89PNG"
+    assert "per group (mean and std over seeds)" in text
 
     third = _execute(tmp_path, "third", epochs=3, **common)  # finished: results again, no training
     assert "resuming after epoch 3 of 3" in _text(third) and len(read_csv(csv_path)) == 3

@@ -1,18 +1,22 @@
-"""Training engine: config validation, schedule, weight-decay groups, exact resume, checkpoints, logs, plots."""
+"""Training: config fields reaching the objects, schedule, weight-decay groups, exact resume, checkpoints, logs."""
 
 import csv
-import dataclasses
 import math
 
 import pytest
 import torch
 
-import engine
+import figures
+import run_files
+import training
+from config import Config
+from conftest import QUIET, train_all
 from data import DatasetNotFoundError, load_cifar10
-from engine import CheckpointError, Config, ConfigMismatchError, Trainer, lr_at
 from models import DynamicTanh, ViT
+from run_files import CheckpointError, ConfigMismatchError
+from training import Trainer, lr_at
 
-TIME_COLUMNS = {"epoch_seconds", "images_per_second"}
+TIME_COLUMNS = {"train_seconds", "eval_seconds", "checkpoint_seconds", "images_per_second"}
 
 
 def tiny(tmp_path, **overrides) -> Config:
@@ -49,83 +53,6 @@ def without_time(table):
     return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in table]
 
 
-# --- config -----------------------------------------------------------------------------------
-
-BAD_VALUES = {
-    "epochs": 0,
-    "seed": -1,
-    "run_name": "a/b",
-    "data_dir": "",
-    "download": "yes",
-    "train_subset": -5,
-    "test_subset": 1.5,
-    "batch_size": 0,
-    "eval_batch_size": -1,
-    "crop_padding": -1,
-    "hflip": 1,
-    "randaugment": None,
-    "randaug_ops": -1,
-    "randaug_magnitude": 10.5,
-    "randaug_magnitude_std": -0.1,
-    "mixup_alpha": -0.2,
-    "cutmix_alpha": float("nan"),
-    "label_smoothing": 1.0,
-    "norm": "batchnorm",
-    "alpha_init": 0.0,
-    "dim": 0,
-    "depth": 0,
-    "heads": True,
-    "patch_size": 0,
-    "mlp_ratio": -4.0,
-    "drop_path": 1.0,
-    "dropout": -0.5,
-    "lr": 0.0,
-    "min_lr": -1e-6,
-    "weight_decay": -0.05,
-    "warmup_epochs": -1.0,
-    "grad_clip": -1.0,
-    "amp": "fp8",
-    "compile": "yes",
-    "device": "gpu:x",
-    "checkpoint_dir": "",
-    "log_dir": 3,
-    "plot_dir": None,
-}
-
-
-def test_every_config_field_has_an_invalid_value_test():
-    assert set(BAD_VALUES) == {f.name for f in dataclasses.fields(Config)}
-
-
-@pytest.mark.parametrize("field, value", list(BAD_VALUES.items()))
-def test_invalid_config_value_names_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        Config(**{field: value})
-
-
-@pytest.mark.parametrize(
-    "kwargs, words",
-    [
-        (dict(dim=100, heads=6), "divisible"),
-        (dict(patch_size=5), "patch_size"),
-        (dict(lr=1e-4, min_lr=1e-3), "min_lr"),
-    ],
-)
-def test_invalid_combinations(kwargs, words):
-    with pytest.raises(ValueError, match=words):
-        Config(**kwargs)
-
-
-def test_defaults_are_the_seed_configuration():
-    cfg = Config()
-    assert (cfg.batch_size, cfg.dim, cfg.depth, cfg.heads, cfg.patch_size, cfg.mixup_alpha) == (256, 384, 6, 6, 4, 0.2)
-    assert cfg.randaugment and cfg.epochs == 200 and cfg.norm == "dyt" and cfg.name == "dyt_cifar10"
-    assert Config(norm="ln").name == "ln_cifar10" and Config(run_name="x").name == "x"
-    assert Config.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown config fields: colour"):
-        Config.from_dict({**cfg.to_dict(), "colour": 1})
-
-
 def test_config_fields_reach_the_objects(cifar, tmp_path):
     cfg = tiny(
         tmp_path,
@@ -153,9 +80,13 @@ def test_config_fields_reach_the_objects(cifar, tmp_path):
         label_smoothing=0.2,
         amp="bf16",
         warmup_epochs=0.5,
-        epochs=2,
+        epochs=20,
+        ema_decay=0.99,
+        clean_train_images=30,
+        pool="gap",
+        randaug_prob=0.5,
     )
-    t = Trainer(cfg, cifar, quiet=True)
+    t = Trainer(cfg, cifar, **QUIET)
     m = t.model
     assert m.patch_embed.kernel_size == (8, 8) and m.patch_embed.out_channels == 24 and len(m.blocks) == 3
     assert m.blocks[0].attn.heads == 3 and m.blocks[0].mlp.fc1.out_features == 48
@@ -163,14 +94,15 @@ def test_config_fields_reach_the_objects(cifar, tmp_path):
     assert isinstance(m.norm, DynamicTanh) and m.norm.alpha.item() == pytest.approx(0.3)
     assert t.optimizer.param_groups[0]["lr"] == 2e-3 and t.optimizer.param_groups[0]["weight_decay"] == 0.1
     assert t.train_loader.batch_size == 16 and t.test_loader.batch_size == 7 and t.steps_per_epoch == 200 // 16
-    assert t.warmup_steps == round(0.5 * 12) and t.total_steps == 2 * 12
+    assert t.warmup_steps == round(0.5 * 12) and t.total_steps == 20 * 12
     assert t.augment.padding == 2 and t.augment.flip is False
     ra = t.augment.randaugment
-    assert (ra.num_ops, ra.magnitude, ra.magnitude_std) == (3, 4.0, 0.0)
+    assert (ra.num_ops, ra.magnitude, ra.magnitude_std, ra.prob) == (3, 4.0, 0.0, 0.5)
+    assert t.ema.decay == 0.99 and len(t.clean_train_loader.x) == 30 and m.pool == "gap" and m.cls_token is None
     assert (t.mixup.mixup_alpha, t.mixup.cutmix_alpha, t.mixup.label_smoothing) == (0.4, 1.0, 0.2)
-    assert t.amp_dtype == torch.bfloat16 and t.net is t.model  # compile: auto is off on CPU
+    assert t.amp_dtype == torch.bfloat16 and t.compiled_model is None  # compile: auto is off on CPU
     assert t.paths["latest"].name == "probe_latest.pth" and t.paths["plot"].parent == tmp_path / "plots"
-    assert Trainer(tiny(tmp_path, randaugment=False), cifar, quiet=True).augment.randaugment is None
+    assert Trainer(tiny(tmp_path, randaugment=False), cifar, **QUIET).augment.randaugment is None
 
 
 # --- schedule and optimizer -------------------------------------------------------------------
@@ -192,7 +124,7 @@ def test_lr_schedule_values():
 
 def test_weight_decay_only_on_matrices():
     model = ViT(dim=16, depth=2, heads=2)
-    decay, no_decay = engine.param_groups(model, 0.05)
+    decay, no_decay = training.param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
@@ -205,7 +137,7 @@ def test_soft_cross_entropy_equals_hard_for_one_hot():
     logits = torch.randn(5, 10)
     y = torch.tensor([1, 2, 3, 4, 5])
     torch.testing.assert_close(
-        engine.soft_cross_entropy(logits, torch.nn.functional.one_hot(y, 10).float()),
+        training.soft_cross_entropy(logits, torch.nn.functional.one_hot(y, 10).float()),
         torch.nn.functional.cross_entropy(logits, y),
     )
 
@@ -214,19 +146,19 @@ def test_soft_cross_entropy_equals_hard_for_one_hot():
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(cifar, tmp_path):
-    full = Trainer(tiny(tmp_path / "a"), cifar, quiet=True)
+    full = Trainer(tiny(tmp_path / "a"), cifar, **QUIET)
     full.resume()
-    full.fit()
+    train_all(full)
 
-    first = Trainer(tiny(tmp_path / "b"), cifar, quiet=True)
+    first = Trainer(tiny(tmp_path / "b"), cifar, **QUIET)
     first.resume()
     for epoch in list(first.remaining_epochs())[:2]:
         first.run_epoch(epoch)
     del first  # "the kernel died"
-    second = Trainer(tiny(tmp_path / "b"), cifar, quiet=True)
+    second = Trainer(tiny(tmp_path / "b"), cifar, **QUIET)
     assert second.resume() == 2
     assert list(second.remaining_epochs()) == [3]
-    second.fit()
+    train_all(second)
 
     a, b = full.model.state_dict(), second.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -239,8 +171,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(cifar, tmp_path):
 
 
 def test_checkpoint_holds_everything_and_loads_weights_only(cifar, tmp_path):
-    t = Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True)
-    t.fit()
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
+    train_all(t)
     state = torch.load(t.paths["latest"], weights_only=True)
     assert {"model", "optimizer", "scaler", "epoch", "step", "best_acc", "best_epoch", "config", "rng"} <= set(state)
     assert set(state["rng"]) == {"device_type", "torch", "cuda", "loader", "mixup"}
@@ -251,27 +183,29 @@ def test_checkpoint_holds_everything_and_loads_weights_only(cifar, tmp_path):
 
 
 def test_rerun_after_finishing_trains_nothing(cifar, tmp_path):
-    t = Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True)
-    t.fit()
-    again = Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True)
-    assert again.resume() == 1 and again.finished and list(again.remaining_epochs()) == []
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
+    train_all(t)
+    again = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
+    assert (
+        again.resume() == 1 and again.status().startswith("finished: 1 of 1") and list(again.remaining_epochs()) == []
+    )
     assert len(rows(again.paths["csv"])) == 1
 
 
 def test_raising_epochs_continues_the_same_run(cifar, tmp_path):
-    t = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
-    t.fit()
-    longer = Trainer(tiny(tmp_path, epochs=3), cifar, quiet=True)
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    train_all(t)
+    longer = Trainer(tiny(tmp_path, epochs=3), cifar, **QUIET)
     assert longer.resume() == 2
-    longer.fit()
+    train_all(longer)
     assert [r["epoch"] for r in rows(longer.paths["csv"])] == ["1", "2", "3"]
     assert longer.total_steps == 3 * longer.steps_per_epoch
 
 
 @pytest.mark.parametrize("change", [dict(dim=32), dict(lr=5e-4), dict(norm="ln", run_name="dyt_cifar10")])
 def test_checkpoint_of_another_config_is_refused(cifar, tmp_path, change):
-    Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True).fit()
-    other = Trainer(tiny(tmp_path, epochs=1, **change), cifar, quiet=True)
+    train_all(Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET))
+    other = Trainer(tiny(tmp_path, epochs=1, **change), cifar, **QUIET)
     with pytest.raises(ConfigMismatchError) as info:
         other.resume()
     for field in change:
@@ -280,22 +214,22 @@ def test_checkpoint_of_another_config_is_refused(cifar, tmp_path, change):
 
 
 def test_ln_run_never_touches_dyt_files(cifar, tmp_path):
-    dyt = Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True)
-    dyt.fit()
+    dyt = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
+    train_all(dyt)
     before = dyt.paths["latest"].read_bytes()
-    ln = Trainer(tiny(tmp_path, epochs=1, norm="ln"), cifar, quiet=True)
+    ln = Trainer(tiny(tmp_path, epochs=1, norm="ln"), cifar, **QUIET)
     assert ln.resume() is None
-    ln.fit()
+    train_all(ln)
     assert ln.paths["latest"].name == "ln_cifar10_latest.pth" and dyt.paths["latest"].read_bytes() == before
 
 
 def test_corrupt_checkpoint_is_reported_and_best_kept(cifar, tmp_path):
-    t = Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True)
-    t.fit()
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
+    train_all(t)
     best = t.paths["best"].read_bytes()
     latest = t.paths["latest"]
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
-    again = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    again = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
     with pytest.raises(CheckpointError) as info:
         again.resume()
     assert str(latest) in str(info.value) and "best checkpoint" in str(info.value)
@@ -306,12 +240,12 @@ def test_foreign_file_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "x.pth"
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="not a checkpoint"):
-        engine.load_checkpoint(path)
+        run_files.load_checkpoint(path)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "run_latest.pth"
-    engine.save_checkpoint(path, {"format": 1, "config": {}, "v": torch.ones(3)})
+    run_files.save_checkpoint(path, {"format": 1, "config": {}, "v": torch.ones(3)})
     good = path.read_bytes()
 
     def crash(obj, f):
@@ -321,28 +255,28 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        engine.save_checkpoint(path, {"format": 1, "config": {}, "v": torch.zeros(3)})
+        run_files.save_checkpoint(path, {"format": 1, "config": {}, "v": torch.zeros(3)})
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["run_latest.pth"]  # no temp file left behind
 
 
 def test_resume_drops_csv_rows_past_the_checkpoint(cifar, tmp_path):
-    t = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
     for epoch in list(t.remaining_epochs())[:1]:
         t.run_epoch(epoch)
     # Epoch 2 was trained and logged, then the kernel died before its checkpoint was written.
     extra = dict(rows(t.paths["csv"])[0], epoch="2")
-    engine.append_csv(t.paths["csv"], extra)
-    again = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    run_files.append_csv(t.paths["csv"], extra)
+    again = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
     assert again.resume() == 1
     assert [r["epoch"] for r in rows(again.paths["csv"])] == ["1"]
-    again.fit()
+    train_all(again)
     assert [r["epoch"] for r in rows(again.paths["csv"])] == ["1", "2"]
     assert "dropped 1 CSV rows" in again.paths["log"].read_text()
 
 
 def test_run_epoch_refuses_to_repeat_an_epoch(cifar, tmp_path):
-    t = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
     with pytest.raises(RuntimeError, match="resume"):
         t.run_epoch(1)  # a trainer that has not looked for its checkpoint must not overwrite it
     t.resume()
@@ -352,10 +286,10 @@ def test_run_epoch_refuses_to_repeat_an_epoch(cifar, tmp_path):
 
 
 def test_remaining_epochs_resumes_a_trainer_built_anew(cifar, tmp_path):
-    first = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    first = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
     first.resume()
     first.run_epoch(1)
-    rebuilt = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)  # the model cell re-run
+    rebuilt = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)  # the model cell re-run
     assert list(rebuilt.remaining_epochs()) == [2] and rebuilt.step == rebuilt.steps_per_epoch
     assert rebuilt.resume() == 1  # idempotent
 
@@ -364,11 +298,15 @@ def test_remaining_epochs_resumes_a_trainer_built_anew(cifar, tmp_path):
 
 
 def test_csv_log_and_config_files(cifar, tmp_path):
-    t = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
     t.resume()
-    t.fit()
+    train_all(t)
     table = rows(t.paths["csv"])
-    assert list(table[0])[:8] == list(engine.BASE_COLUMNS)
+    assert list(table[0])[:13] == [
+        "epoch", "lr", "train_loss", "train_acc", "train_clean_acc", "test_loss", "test_acc",
+        "train_seconds", "eval_seconds", "checkpoint_seconds", "images_per_second", "alpha_blocks.0.norm1",
+        "alpha_blocks.0.norm2",
+    ]  # fmt: skip
     assert [c for c in table[0] if c.startswith("alpha_")] == [
         "alpha_blocks.0.norm1",
         "alpha_blocks.0.norm2",
@@ -386,7 +324,7 @@ def test_csv_log_and_config_files(cifar, tmp_path):
 def test_plots_are_drawn_from_the_csv_alone(tmp_path):
     csv_path = tmp_path / "run.csv"
     for e in range(1, 6):
-        engine.append_csv(
+        run_files.append_csv(
             csv_path,
             {
                 "epoch": e,
@@ -400,24 +338,24 @@ def test_plots_are_drawn_from_the_csv_alone(tmp_path):
                 "alpha_norm": 0.5 + 0.01 * e,
             },
         )
-    fig = engine.plot_run(csv_path, tmp_path / "p" / "run.png")
+    fig = figures.plot_run(csv_path, tmp_path / "p" / "run.png")
     png = (tmp_path / "p" / "run.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert "best 60.00%" in [t.get_text() for t in fig.axes[1].get_legend().get_texts()][1]
-    engine.plot_comparison({"DyT": csv_path, "LN": csv_path}, tmp_path / "cmp.png")
+    figures.plot_comparison({"DyT": csv_path, "LN": csv_path}, tmp_path / "cmp.png")
     assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_confusion_matrix_counts_every_test_image(cifar, tmp_path):
-    t = Trainer(tiny(tmp_path, epochs=1, eval_batch_size=15), cifar, quiet=True)
+    t = Trainer(tiny(tmp_path, epochs=1, eval_batch_size=15), cifar, **QUIET)
     cm = t.confusion_matrix()
     assert cm.shape == (10, 10) and cm.sum() == 50
     assert torch.equal(cm.sum(1), torch.bincount(cifar.y_test, minlength=10))
 
 
 def test_best_model_is_a_separate_copy_with_best_weights(cifar, tmp_path):
-    t = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
-    t.fit()
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    train_all(t)
     model, info = t.best_model()
     assert model is not t.model and info["epoch"] == t.best_epoch and info["test_acc"] == t.best_acc
     saved = torch.load(t.paths["best"], weights_only=True)["model"]
@@ -427,16 +365,16 @@ def test_best_model_is_a_separate_copy_with_best_weights(cifar, tmp_path):
 
 
 def test_load_data_reads_its_config_fields(fake_cifar, tmp_path):
-    d = engine.load_data(tiny(tmp_path, data_dir=str(fake_cifar), download=False, train_subset=64, test_subset=8))
+    d = training.load_data(tiny(tmp_path, data_dir=str(fake_cifar), download=False, train_subset=64, test_subset=8))
     assert len(d.x_train) == 64 and len(d.x_test) == 8 and d.x_train.device.type == "cpu"
     with pytest.raises(DatasetNotFoundError, match="download=off"):
-        engine.load_data(tiny(tmp_path, data_dir=str(tmp_path / "empty"), download=False))
+        training.load_data(tiny(tmp_path, data_dir=str(tmp_path / "empty"), download=False))
 
 
 def test_seed_sets_init_and_batch_order(cifar, tmp_path):
-    a = Trainer(tiny(tmp_path / "a", seed=1), cifar, quiet=True)
-    b = Trainer(tiny(tmp_path / "b", seed=1), cifar, quiet=True)
-    c = Trainer(tiny(tmp_path / "c", seed=2), cifar, quiet=True)
+    a = Trainer(tiny(tmp_path / "a", seed=1), cifar, **QUIET)
+    b = Trainer(tiny(tmp_path / "b", seed=1), cifar, **QUIET)
+    c = Trainer(tiny(tmp_path / "c", seed=2), cifar, **QUIET)
     assert torch.equal(a.model.head.weight, b.model.head.weight)
     assert not torch.equal(a.model.head.weight, c.model.head.weight)
     order = [torch.cat([y for _, y in t.train_loader]) for t in (a, b, c)]
@@ -453,13 +391,13 @@ def test_grad_clip_is_applied_only_when_set(cifar, tmp_path, monkeypatch, grad_c
         return real(params, max_norm, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    t = Trainer(tiny(tmp_path, grad_clip=grad_clip, epochs=1), cifar, quiet=True)
+    t = Trainer(tiny(tmp_path, grad_clip=grad_clip, epochs=1), cifar, **QUIET)
     t.train_epoch()
     assert calls == ([grad_clip] * t.steps_per_epoch if grad_clip else [])
 
 
 def test_learning_rate_follows_config(cifar, tmp_path):
-    t = Trainer(tiny(tmp_path, epochs=2, lr=2e-3, min_lr=5e-4, warmup_epochs=0.5), cifar, quiet=True)
+    t = Trainer(tiny(tmp_path, epochs=2, lr=2e-3, min_lr=5e-4, warmup_epochs=0.5), cifar, **QUIET)
     t.resume()
     lrs = [t.run_epoch(e)["lr"] for e in (1, 2)]
     expected = [lr_at(e * t.steps_per_epoch - 1, t.total_steps, t.warmup_steps, 2e-3, 5e-4) for e in (1, 2)]
@@ -467,29 +405,30 @@ def test_learning_rate_follows_config(cifar, tmp_path):
 
 
 def test_fresh_start_sets_an_orphaned_csv_aside(cifar, tmp_path):
-    t = Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True)
-    t.fit()
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
+    train_all(t)
     t.paths["latest"].unlink()  # the checkpoint is gone; its log stays
-    again = Trainer(tiny(tmp_path, epochs=1), cifar, quiet=True)
+    again = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
     assert again.resume() is None
     aside = list((tmp_path / "log").glob("dyt_cifar10.*.orphaned.csv"))
     assert len(aside) == 1 and [r["epoch"] for r in rows(aside[0])] == ["1"]
     assert not again.paths["csv"].exists()
-    again.fit()
+    train_all(again)
     assert [r["epoch"] for r in rows(again.paths["csv"])] == ["1"]
 
 
 def test_checkpoint_from_another_device_type_resumes_with_reseeded_loader(cifar, tmp_path):
-    t = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
     t.resume()
     t.run_epoch(1)
+    t.writer.wait()  # the checkpoint is written in the background
     state = torch.load(t.paths["latest"], weights_only=True)
     state["rng"]["device_type"] = "cuda"  # as written on a GPU: a CUDA generator state is 16 bytes
     state["rng"]["loader"]["generator"] = torch.zeros(16, dtype=torch.uint8)
     state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]
     torch.save(state, t.paths["latest"])
-    again = Trainer(tiny(tmp_path, epochs=2), cifar, quiet=True)
+    again = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
     assert again.resume() == 1
     assert "re-seeded" in again.paths["log"].read_text()
-    again.fit()
+    train_all(again)
     assert [r["epoch"] for r in rows(again.paths["csv"])] == ["1", "2"]

@@ -1,0 +1,269 @@
+"""The run's one typed config: every field with its default, unit and rule side by side.
+
+``Config`` is validated once, when it is built (a bad value raises ``ValueError`` naming the field);
+everything downstream trusts it. It is saved inside every checkpoint and next to the logs, and
+``from_dict`` / ``to_dict`` round-trip it. ``overrides`` (the notebook's and the sweep's way to set
+any field) and ``norm_layer`` (the one place a norm name becomes a layer) live here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from models.dyt import DynamicTanh
+
+IMAGE_SIDE = 32  # CIFAR-10 images are 32x32
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeding both accept it; the loader derives seeds from it
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,99}")  # file-name safe: no spaces, separators, NUL
+NORM_NAMES = {"dyt": "DyT", "ln": "LayerNorm"}  # how each norm is spelled on screen
+
+
+# --- rules: each returns None if the value is fine, else what it must be ----------------------
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(low: int, high: Optional[int] = None) -> Callable[[Any], Optional[str]]:
+    def rule(v):
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+        return None if ok else f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+
+    return rule
+
+
+def number(accepts: Callable[[float], bool], description: str) -> Callable[[Any], Optional[str]]:
+    return lambda v: None if _is_number(v) and accepts(v) else f"a finite number {description}"
+
+
+def one_of(*choices) -> Callable[[Any], Optional[str]]:
+    return lambda v: None if isinstance(v, str) and v in choices else f"one of {choices}"
+
+
+def boolean(v) -> Optional[str]:
+    return None if isinstance(v, bool) else "True or False"
+
+
+def optional_boolean(v) -> Optional[str]:
+    return None if v is None or isinstance(v, bool) else "True, False or None (auto)"
+
+
+def path(v) -> Optional[str]:
+    return None if isinstance(v, str) and v and "\0" not in v else "a non-empty path string"
+
+
+def run_name(v) -> Optional[str]:
+    if isinstance(v, str) and (v == "" or RUN_NAME.fullmatch(v)):
+        return None
+    return '"" or 1-100 letters, digits and ._=+- (no spaces or path separators), starting with a letter or digit'
+
+
+def device(v) -> Optional[str]:
+    if v == "auto":
+        return None
+    try:
+        dev = torch.device(v)
+    except (RuntimeError, TypeError):
+        return "'auto' or a torch device string such as 'cuda', 'cuda:1', 'cpu'"
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            return f"an available device: this machine has {count} CUDA device(s); use 'auto' or 'cpu'"
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            return "an available device: MPS (Apple GPU) is not available here; use 'auto' or 'cpu'"
+    elif dev.type != "cpu":
+        return "'auto', 'cpu', 'cuda[:N]' or 'mps'"
+    return None
+
+
+def _field(default, rule):
+    return field(default=default, metadata={"rule": rule})
+
+
+@dataclass
+class Config:
+    """Everything a run depends on; the defaults are the recipe in the README (its table gives the
+    source of each value). The design's model is dim 384, depth 6, heads 6, patch 4."""
+
+    # --- run ---
+    epochs: int = _field(200, integer(1))  # total epochs; raise it and re-run to train an existing run longer
+    seed: int = _field(0, integer(0, MAX_SEED))  # model init, batch order, augmentation and mixup draws
+    run_name: str = _field("", run_name)  # names checkpoints/logs/plots; "" -> f"{norm}_cifar10"
+    # --- data ---
+    data_dir: str = _field("./data", path)  # holds cifar-10-batches-py/ (downloaded there when missing)
+    download: bool = _field(True, boolean)  # download CIFAR-10 with torchvision when data_dir lacks it
+    train_subset: int = _field(0, integer(0))  # only the first N training images (0: all 50,000)
+    test_subset: int = _field(0, integer(0))  # only the first N test images (0: all 10,000)
+    batch_size: int = _field(256, integer(1))  # training images per step
+    eval_batch_size: int = _field(1000, integer(1))  # test images per forward pass
+    clean_train_images: int = _field(10_000, integer(0))  # train images scored unaugmented each epoch (0: off)
+    # --- augmentation ---
+    crop_padding: int = _field(4, integer(0, IMAGE_SIDE // 2))  # random crop of the zero-padded image (0: off)
+    hflip: bool = _field(True, boolean)  # random horizontal flip
+    randaugment: bool = _field(True, boolean)  # batched per-sample RandAugment (randomaug.py)
+    randaug_ops: int = _field(2, integer(0, 10))  # RandAugment N: ops drawn per image
+    randaug_magnitude: float = _field(9.0, number(lambda v: 0 <= v <= 10, "in [0, 10]"))  # M, randomaug.py's table
+    randaug_magnitude_std: float = _field(0.5, number(lambda v: v >= 0, ">= 0"))  # per-image noise on M (mstd)
+    mixup_alpha: float = _field(0.2, number(lambda v: v >= 0, ">= 0"))  # Beta(a, a) mixup; 0: off
+    cutmix_alpha: float = _field(
+        0.0, number(lambda v: v >= 0, ">= 0")
+    )  # Beta(a, a) CutMix; 0: off; with mixup: half each
+    randaug_prob: float = _field(
+        1.0, number(lambda v: 0 <= v <= 1, "in [0, 1]")
+    )  # chance each drawn op is applied (timm's p)
+    label_smoothing: float = _field(0.1, number(lambda v: 0 <= v < 1, "in [0, 1)"))  # mass spread over all classes
+    # --- model ---
+    norm: str = _field("dyt", one_of(*NORM_NAMES))  # "dyt" (Dynamic Tanh) or "ln" (LayerNorm), in every norm slot
+    alpha_init: float = _field(0.5, number(lambda v: v > 0, "> 0"))  # DyT's initial alpha (the paper's ViT value)
+    dim: int = _field(384, integer(1))  # token width
+    depth: int = _field(6, integer(1))  # transformer blocks
+    heads: int = _field(6, integer(1))  # attention heads (must divide dim)
+    patch_size: int = _field(4, integer(1, IMAGE_SIDE))  # 4 -> 8x8 = 64 tokens on 32x32 images
+    mlp_ratio: float = _field(4.0, number(lambda v: v > 0, "> 0"))  # MLP hidden width / dim
+    pool: str = _field("cls", one_of("cls", "gap"))  # head input: the cls token, or the mean of all tokens (no cls)
+    attn_init: str = _field("default", one_of("default", "mimetic"))  # "mimetic": Trockman & Kolter 2023
+    drop_path: float = _field(0.1, number(lambda v: 0 <= v < 1, "in [0, 1)"))  # stochastic depth of the last block
+    dropout: float = _field(0.0, number(lambda v: 0 <= v < 1, "in [0, 1)"))  # embedding, attn projection, MLP
+    # --- optimisation ---
+    lr: float = _field(1e-3, number(lambda v: v > 0, "> 0"))  # peak learning rate after warmup (AdamW)
+    min_lr: float = _field(1e-5, number(lambda v: v >= 0, ">= 0"))  # learning rate at the end of the cosine
+    weight_decay: float = _field(0.05, number(lambda v: v >= 0, ">= 0"))  # decoupled, on weight matrices only
+    warmup_epochs: float = _field(10.0, number(lambda v: v >= 0, ">= 0"))  # linear warmup (capped: training.py)
+    ema_decay: float = _field(0.0, number(lambda v: 0 <= v < 1, "in [0, 1) (0: off)"))  # EMA of weights per step
+    grad_clip: float = _field(1.0, number(lambda v: v >= 0, ">= 0 (0: off)"))  # max global gradient norm
+    amp: str = _field("auto", one_of("auto", "bf16", "fp16", "off"))  # autocast dtype; "auto": see training.py
+    compile: Optional[bool] = _field(None, optional_boolean)  # torch.compile; None: on for CUDA, off elsewhere
+    device: str = _field("auto", device)  # "auto" (cuda > mps > cpu), or "cuda:1", "cpu", ...
+    # --- outputs ---
+    checkpoint_dir: str = _field("checkpoint", path)  # <run>_latest.pth (every epoch), <run>_best.pth
+    log_dir: str = _field("log", path)  # <run>.csv, <run>.log, <run>_config.json
+    plot_dir: str = _field("plots", path)  # <run>_training.png and the notebook's figures
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            wanted = f.metadata["rule"](value)
+            if wanted:
+                raise ValueError(f"{f.name} must be {wanted}, got {value!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if IMAGE_SIDE % self.patch_size:
+            raise ValueError(f"patch_size must divide the image side {IMAGE_SIDE}, got {self.patch_size}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if round(self.dim * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio ({self.mlp_ratio}) gives no MLP hidden unit at dim {self.dim}")
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.norm}_cifar10"
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(self.dim * self.mlp_ratio)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        check_field_names(d)
+        return cls(**d)
+
+
+def check_field_names(names) -> None:
+    """Raise ``ValueError`` naming each unknown field and the closest real one."""
+    known = [f.name for f in dataclasses.fields(Config)]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        hints = []
+        for n in unknown:
+            close = difflib.get_close_matches(str(n), known, n=1)
+            hints.append(f"{n!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"unknown config field(s): {', '.join(hints)}. The fields are: {', '.join(known)}")
+
+
+def parse_overrides(overrides: dict | str | None) -> dict:
+    """A dict of field -> value, or the same as a JSON string (papermill ``-p overrides '{...}'``)."""
+    if overrides is None or overrides == "":
+        return {}
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"overrides is not valid JSON ({e}): {overrides!r}") from e
+    if not isinstance(overrides, dict):
+        raise ValueError(f"overrides must be a dict (or a JSON object), got {type(overrides).__name__}")
+    check_field_names(overrides)
+    return dict(overrides)
+
+
+def with_overrides(base: Config | dict, overrides: dict | str | None) -> Config:
+    """``base`` with the fields in ``overrides`` replaced, validated as a whole."""
+    values = base.to_dict() if isinstance(base, Config) else dict(base)
+    values.update(parse_overrides(overrides))
+    return Config.from_dict(values)
+
+
+def norm_layer(cfg: Config) -> Callable[[int], nn.Module]:
+    """The norm the config names, as the layer factory ``ViT(norm_layer=...)`` takes."""
+    if cfg.norm == "dyt":
+        return functools.partial(DynamicTanh, alpha_init=cfg.alpha_init)
+    return nn.LayerNorm
+
+
+# Fields that may differ between a checkpoint and the current config: where things live, how fast
+# they run, and how long the run is (epochs: see training.lr_at). Anything else is another run.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "epochs",
+        "data_dir",
+        "download",
+        "checkpoint_dir",
+        "log_dir",
+        "plot_dir",
+        "eval_batch_size",
+        "amp",
+        "compile",
+        "device",
+    }
+)
+
+
+def config_differences(saved: dict, current: Config) -> dict[str, tuple]:
+    """Fields (other than ``RESUMABLE_CHANGES``) whose saved value differs: name -> (saved, current)."""
+    now = current.to_dict()
+    names = (set(saved) | set(now)) - RESUMABLE_CHANGES
+    return {
+        n: (saved.get(n, "<missing>"), now.get(n, "<missing>"))
+        for n in sorted(names)
+        if saved.get(n, "<missing>") != now.get(n, "<missing>")
+    }
+
+
+OUTPUT_FOLDERS = {"checkpoint_dir": "checkpoint", "log_dir": "log", "plot_dir": "plots"}
+
+
+def config_from_parameters(parameters: dict, overrides: dict | str | None = None, output_root=".") -> Config:
+    """The notebook's config: every parameter named like a ``Config`` field, then ``overrides``
+    (any field; they win). An empty output folder becomes ``output_root/<checkpoint|log|plots>``."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in parameters.items() if k in names}
+    values.update(parse_overrides(overrides))
+    for key, folder in OUTPUT_FOLDERS.items():
+        if not values.get(key):
+            values[key] = str(Path(output_root) / folder)
+    return Config.from_dict({**Config().to_dict(), **values})

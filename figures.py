@@ -1,0 +1,167 @@
+"""All figures: training curves from a run's CSV, run overlays, image grids, confusion matrices.
+
+Only this module imports matplotlib (through ``Figure``, not pyplot: no global state, works headless)
+and pandas; every plot reads files or tensors, so it can be redrawn without training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from data import CIFAR10_MEAN, CIFAR10_STD, CLASSES
+
+
+def _figure(rows: int, cols: int, size: tuple[float, float]):
+    from matplotlib.figure import Figure  # no pyplot: works headless, no global state
+
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _save(fig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def plot_run(csv_path: str | Path, out_path: str | Path, title: str = ""):
+    """Loss, accuracy, learning rate and DyT alpha per layer, from the CSV alone. Returns the figure."""
+    import pandas as pd
+    from matplotlib import colormaps
+
+    df = pd.read_csv(csv_path)
+    fig, ax = _figure(2, 2, (11, 7.5))
+    a = ax[0, 0]
+    a.plot(df.epoch, df.train_loss, label="train (mixup, smoothed)")
+    a.plot(df.epoch, df.test_loss, label="test")
+    if "ema_test_loss" in df:
+        a.plot(df.epoch, df.ema_test_loss, label="test (EMA weights)")
+    a.set(title="loss", xlabel="epoch")
+    a.legend()
+    a = ax[0, 1]
+    a.plot(df.epoch, 100 * df.train_acc, label="train (augmented, vs dominant mixup label)")
+    if "train_clean_acc" in df:  # above test: overfitting; near or below it: underfitting
+        a.plot(df.epoch, 100 * df.train_clean_acc, label="train (clean images)")
+    a.plot(df.epoch, 100 * df.test_acc, label=f"test (best {100 * df.test_acc.max():.2f}%)")
+    if "ema_test_acc" in df:
+        a.plot(df.epoch, 100 * df.ema_test_acc, label=f"test, EMA weights (best {100 * df.ema_test_acc.max():.2f}%)")
+    a.set(title="accuracy (%)", xlabel="epoch")
+    a.legend()
+    a.grid(alpha=0.3)
+    a = ax[1, 0]
+    a.plot(df.epoch, df.lr)
+    a.set(title="learning rate (end of epoch)", xlabel="epoch")
+    a = ax[1, 1]
+    alpha_cols = [c for c in df.columns if c.startswith("alpha_")]
+    colors = colormaps["viridis"]
+    for i, c in enumerate(alpha_cols):  # first layer dark, last (the final norm) light
+        a.plot(df.epoch, df[c], label=c[len("alpha_") :], color=colors(i / max(len(alpha_cols) - 1, 1)))
+    if alpha_cols:
+        a.legend(fontsize=7, ncol=2)
+        a.set(title="DyT alpha per layer", xlabel="epoch")
+    else:
+        a.set(title="no DyT layers (LayerNorm run)")
+    fig.suptitle(title or Path(csv_path).stem)
+    _save(fig, out_path)
+    return fig
+
+
+def plot_comparison(csv_paths: dict[str, str | Path], out_path: str | Path, title: str = "DyT vs LayerNorm"):
+    """Overlay several runs (label -> CSV): test accuracy, test loss and train loss per epoch."""
+    import pandas as pd
+
+    fig, ax = _figure(1, 3, (15, 4.5))
+    for label, path in csv_paths.items():
+        df = pd.read_csv(path)
+        best = 100 * df.test_acc.max()
+        ax[0, 0].plot(df.epoch, 100 * df.test_acc, label=f"{label} (best {best:.2f}%)")
+        ax[0, 1].plot(df.epoch, df.test_loss, label=label)
+        ax[0, 2].plot(df.epoch, df.train_loss, label=label)
+    for a, t in zip(ax[0], ("test accuracy (%)", "test loss", "train loss")):
+        a.set(title=t, xlabel="epoch")
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.suptitle(title)
+    _save(fig, out_path)
+    return fig
+
+
+def plot_images(images: torch.Tensor, labels: torch.Tensor, out_path: Optional[str | Path] = None, cols: int = 8):
+    """A grid of images (B, 3, H, W), uint8 or normalised float, titled with class names."""
+    x = images.detach().float().cpu()
+    if images.dtype != torch.uint8:
+        x = (x * torch.tensor(CIFAR10_STD).view(1, 3, 1, 1) + torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)) * 255
+    x = x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    rows = -(-len(x) // cols)
+    fig, ax = _figure(rows, cols, (1.4 * cols, 1.55 * rows))
+    for i, a in enumerate(ax.flat):
+        a.axis("off")
+        if i < len(x):
+            a.imshow(x[i])
+            a.set_title(CLASSES[int(labels[i])], fontsize=8)
+    if out_path is not None:
+        _save(fig, out_path)
+    return fig
+
+
+def plot_confusion(matrix: torch.Tensor, out_path: Optional[str | Path] = None, title: str = ""):
+    """Row-normalised confusion matrix (true class per row) with per-class accuracy on the diagonal."""
+    m = matrix.double()
+    norm = (m / m.sum(1, keepdim=True).clamp(min=1)).numpy()
+    fig, ax = _figure(1, 1, (7, 6))
+    a = ax[0, 0]
+    im = a.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    a.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
+    a.set_yticks(range(len(CLASSES)), CLASSES)
+    a.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix (row-normalised)")
+    for i in range(len(CLASSES)):
+        for j in range(len(CLASSES)):
+            a.text(
+                j,
+                i,
+                f"{norm[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
+    fig.colorbar(im, ax=a)
+    if out_path is not None:
+        _save(fig, out_path)
+    return fig
+
+
+def plot_schedule(lrs: list[float], steps_per_epoch: int, out_path: Optional[str | Path] = None, title: str = ""):
+    """The learning rate over the whole run, one value per step, with the x axis in epochs."""
+    fig, ax = _figure(1, 1, (6, 2.6))
+    a = ax[0, 0]
+    a.plot([i / steps_per_epoch for i in range(len(lrs))], lrs)
+    a.set(title=title or "learning rate", xlabel="epoch", ylabel="lr")
+    a.grid(alpha=0.3)
+    if out_path is not None:
+        _save(fig, out_path)
+    return fig
+
+
+def plot_groups(curves: dict[str, list[str | Path]], out_path: str | Path, title: str = ""):
+    """Test accuracy per epoch of groups of runs (label -> CSVs, e.g. one per seed): the mean as a
+    line and the band from the lowest to the highest run. Runs of different lengths are cut to the
+    shortest of their group."""
+    import pandas as pd
+
+    fig, ax = _figure(1, 1, (8, 4.8))
+    a = ax[0, 0]
+    for label, paths in curves.items():
+        frames = [pd.read_csv(p).set_index("epoch")["test_acc"] for p in paths]
+        table = pd.concat(frames, axis=1, join="inner") * 100
+        mean = table.mean(axis=1)
+        a.plot(table.index, mean, label=f"{label} (n={len(frames)}, last {mean.iloc[-1]:.2f}%)")
+        if len(frames) > 1:
+            a.fill_between(table.index, table.min(axis=1), table.max(axis=1), alpha=0.25)
+    a.set(title=title or "test accuracy (%)", xlabel="epoch", ylabel="test accuracy (%)")
+    a.legend()
+    a.grid(alpha=0.3)
+    _save(fig, out_path)
+    return fig

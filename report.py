@@ -1,0 +1,68 @@
+"""What a finished run (or a set of runs) says: summaries read from the CSV logs alone."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from run_files import read_csv
+
+LAST_EPOCHS = 5  # a run is scored by the mean test accuracy of its last epochs (less noisy than the best)
+
+
+def summarize_run(csv_path: str | Path) -> dict:
+    """Epochs logged, final / best / mean-of-last-5 test accuracy (%, the better of raw and EMA
+    weights per epoch), clean training accuracy, and training minutes, from a run's CSV."""
+    rows = read_csv(csv_path)
+    if not rows:
+        return {"epochs": 0}
+
+    def acc(r):
+        return 100 * max(float(r["test_acc"]), float(r.get("ema_test_acc") or 0))
+
+    accs = [acc(r) for r in rows]
+    best = max(range(len(rows)), key=accs.__getitem__)
+    last = accs[-LAST_EPOCHS:]
+    seconds = sum(float(r.get(k) or 0) for r in rows for k in ("train_seconds", "eval_seconds", "checkpoint_seconds"))
+    summary = {
+        "epochs": int(rows[-1]["epoch"]),
+        "final_acc": accs[-1],
+        "best_acc": accs[best],
+        "best_epoch": int(rows[best]["epoch"]),
+        "last5_acc": sum(last) / len(last),
+        "minutes": seconds / 60,
+        "train_clean_acc": 100 * float(rows[-1]["train_clean_acc"]) if rows[-1].get("train_clean_acc") else math.nan,
+    }
+    return summary
+
+
+def next_steps(summary: dict, planned_epochs: int) -> list[str]:
+    """Plain advice from a run's summary: what its curves suggest trying next."""
+    if not summary.get("epochs"):
+        return ["Nothing trained yet: run the training cell."]
+    tips = []
+    if summary["epochs"] < planned_epochs:
+        tips.append(
+            f"The run stopped at epoch {summary['epochs']} of {planned_epochs}: run all cells again to resume it."
+        )
+    if summary["epochs"] < 50:
+        tips.append(
+            "A short run: accuracy keeps rising for 100-200 epochs; judge a recipe on a longer run (raise epochs and "
+            "re-run to continue this one)."
+        )
+    gap = summary["train_clean_acc"] - summary["final_acc"]
+    if math.isnan(gap):
+        tips.append("Set clean_train_images > 0 to see whether the model under- or overfits.")
+    elif gap < 3:
+        tips.append(
+            f"Clean training accuracy ({summary['train_clean_acc']:.1f}%) is close to test accuracy: the model "
+            f"underfits. Less regularisation should help: overrides {{'randaug_prob': 0.5}} or "
+            f"{{'randaug_magnitude': 5}}, or drop_path 0, in a new run (run_name)."
+        )
+    elif gap > 10:
+        tips.append(
+            f"Clean training accuracy ({summary['train_clean_acc']:.1f}%) is far above test accuracy: the model "
+            f"overfits. More regularisation (stronger RandAugment, cutmix_alpha 1.0, drop_path 0.2) should help."
+        )
+    tips.append("One seed is an anecdote: compare norms over several seeds (section 8).")
+    return tips

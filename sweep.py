@@ -1,0 +1,247 @@
+"""Several runs side by side: a grid of config overrides becomes runs, each in its own process.
+
+The unit of work is ``train_run(config)``: it trains one config to completion (resuming it if it
+has files already) and returns its summary. ``run_sweep`` calls it in child processes, ``per_gpu``
+at a time on every visible GPU (or ``per_gpu`` at a time on the CPU), and writes a table. Running
+the same sweep again continues every unfinished run and skips the finished ones. A cluster
+scheduler calls the same function unchanged (see the README: Ray Tune, submitit).
+
+    python sweep.py --grid '{"norm": ["dyt", "ln"], "seed": [0, 1, 2]}' --per-gpu 2 --name norms
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import report
+from config import Config, with_overrides
+from data import ensure_cifar10
+from run_files import atomic_write
+
+RESULT_SUFFIX = "_result.json"  # <log_dir>/<run><suffix>: what train_run returned
+POLL_SECONDS = 0.5
+
+
+def run_name_for(base: str, overrides: dict) -> str:
+    """``dyt_cifar10`` + ``{"norm": "ln", "seed": 1}`` -> ``dyt_cifar10_norm-ln_seed-1``."""
+    parts = [f"{k}-{v}" for k, v in overrides.items()]
+    return "_".join([base] + parts).replace("/", "-").replace(" ", "")
+
+
+def grid(base: Config, axes: dict[str, list]) -> list[tuple[Config, dict]]:
+    """Every combination of ``axes`` (field -> values) applied to ``base``: (config, overrides) pairs,
+    each config with a run name derived from its overrides."""
+    names = list(axes)
+    runs = []
+    for values in itertools.product(*(axes[n] for n in names)):
+        overrides = dict(zip(names, values))
+        cfg = with_overrides(base, {**overrides, "run_name": run_name_for(base.name, overrides)})
+        runs.append((cfg, overrides))
+    return runs
+
+
+def result_path(cfg: Config) -> Path:
+    return Path(cfg.log_dir) / f"{cfg.name}{RESULT_SUFFIX}"
+
+
+def train_run(config: Config | dict, show_progress: bool = False) -> dict:
+    """Train one config to completion (resuming its files if any) and return its summary.
+
+    Errors are reported, not raised: ``status`` is ``"finished"``, ``"diverged"`` or ``"failed"``,
+    with ``error`` saying why. The summary is also written to ``<log_dir>/<run>_result.json``."""
+    from training import DivergenceError, Trainer, load_data
+
+    cfg = config if isinstance(config, Config) else Config.from_dict(config)
+    start = time.time()
+    result = {"run_name": cfg.name, "status": "failed", "error": ""}
+    try:
+        trainer = Trainer(cfg, load_data(cfg), show_progress=show_progress)
+        for epoch in trainer.remaining_epochs():
+            trainer.run_epoch(epoch)
+        result["status"] = "finished"
+    except DivergenceError as e:
+        result.update(status="diverged", error=str(e))
+    except Exception as e:  # one run's failure is its own; the sweep goes on
+        result["error"] = f"{type(e).__name__}: {e}"
+    csv_path = Path(cfg.log_dir) / f"{cfg.name}.csv"
+    if csv_path.exists():
+        result.update(report.summarize_run(csv_path))
+    result.update(planned_epochs=cfg.epochs, wall_minutes=(time.time() - start) / 60)
+    atomic_write(result_path(cfg), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    return result
+
+
+def _finished(cfg: Config) -> bool:
+    try:
+        result = json.loads(result_path(cfg).read_text())
+    except (OSError, ValueError):
+        return False
+    return result.get("status") == "finished" and result.get("epochs", 0) >= cfg.epochs
+
+
+def _slots(per_gpu: int) -> list[Optional[int]]:
+    """One entry per concurrent run: a GPU index, or None for the CPU."""
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    return [g for g in gpus for _ in range(per_gpu)] if gpus else [None] * per_gpu
+
+
+def _launch(cfg: Config, gpu: Optional[int], per_process_threads: int) -> subprocess.Popen:
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        cfg = with_overrides(cfg, {"device": "auto"})  # the one visible GPU
+    else:
+        env["OMP_NUM_THREADS"] = str(per_process_threads)
+    Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
+    out = open(Path(cfg.log_dir) / f"{cfg.name}.out", "a")
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(cfg.to_dict())],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=str(Path(__file__).resolve().parent),
+    )
+
+
+def run_sweep(runs: list[tuple[Config, dict]], per_gpu: int = 1, name: str = "sweep", quiet: bool = False):
+    """Train ``runs`` (from ``grid``) in child processes, ``per_gpu`` at a time per GPU; returns
+    the table (``results``) as a pandas DataFrame and writes it with the group statistics."""
+    if per_gpu < 1:
+        raise ValueError(f"per_gpu must be >= 1, got {per_gpu}")
+    for data_dir, download in {(c.data_dir, c.download) for c, _ in runs}:
+        ensure_cifar10(data_dir, download)  # downloaded once, not by every child
+    pending = [(c, o) for c, o in runs if not _finished(c)]
+    if not quiet:
+        print(f"{name}: {len(runs)} runs, {len(runs) - len(pending)} finished already, {len(pending)} to train")
+    slots = _slots(per_gpu)
+    threads = max(1, (os.cpu_count() or 1) // len(slots))
+    running: dict[int, tuple[subprocess.Popen, Config]] = {}
+    try:
+        while pending or running:
+            for slot in [s for s in range(len(slots)) if s not in running]:
+                if not pending:
+                    break
+                cfg, _ = pending.pop(0)
+                running[slot] = (_launch(cfg, slots[slot], threads), cfg)
+                if not quiet:
+                    where = f"GPU {slots[slot]}" if slots[slot] is not None else "CPU"
+                    print(f"  started {cfg.name} on {where}")
+            time.sleep(POLL_SECONDS)
+            for slot, (proc, cfg) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[slot]
+                    if not quiet:
+                        print(f"  {cfg.name}: exit code {proc.returncode}")
+    except BaseException:  # an interrupt stops the children too; their runs resume next time
+        for proc, _ in running.values():
+            proc.send_signal(signal.SIGINT)
+        for proc, _ in running.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+    return write_results(runs, name)
+
+
+def write_results(runs: list[tuple[Config, dict]], name: str):
+    """The per-run table and the per-group statistics (mean and std over seeds) as CSVs, and the
+    overlay plot; returns the per-run table."""
+    import pandas as pd
+
+    import figures
+
+    rows = []
+    for cfg, overrides in runs:
+        try:
+            result = json.loads(result_path(cfg).read_text())
+        except (OSError, ValueError):
+            result = {"run_name": cfg.name, "status": "not run"}
+        rows.append({**overrides, **result})
+    table = pd.DataFrame(rows)
+    log_dir, plot_dir = Path(runs[0][0].log_dir), Path(runs[0][0].plot_dir)
+    table.to_csv(log_dir / f"{name}_runs.csv", index=False)
+    groups = group_stats(table, [k for k in runs[0][1] if k != "seed"])
+    groups.to_csv(log_dir / f"{name}_groups.csv", index=False)
+    curves: dict[str, list[Path]] = {}
+    for (cfg, overrides), row in zip(runs, rows):
+        csv_path = Path(cfg.log_dir) / f"{cfg.name}.csv"
+        if csv_path.exists() and row.get("epochs"):
+            label = ", ".join(f"{k}={v}" for k, v in overrides.items() if k != "seed") or "all"
+            curves.setdefault(label, []).append(csv_path)
+    if curves:
+        figures.plot_groups(
+            curves, plot_dir / f"{name}.png", title=f"{name}: mean test accuracy, band: min to max over seeds"
+        )
+    table.attrs.update(groups=groups, plot=plot_dir / f"{name}.png", name=name)
+    return table
+
+
+def group_stats(table, by: list[str]):
+    """Mean, std and count of the scores of finished runs per group (``by``: the swept fields other
+    than the seed)."""
+    import pandas as pd
+
+    done = table[table["status"] == "finished"] if "status" in table else table.iloc[0:0]
+    scores = [c for c in ("last5_acc", "final_acc", "best_acc", "minutes") if c in done]
+    if done.empty or not scores:
+        return pd.DataFrame(columns=by + ["runs"])
+    grouped = done.groupby(by) if by else done.assign(group="all").groupby("group")
+    stats = grouped[scores].agg(["mean", "std"])
+    stats.columns = [f"{score}_{stat}" for score, stat in stats.columns]
+    stats["runs"] = grouped.size()
+    return stats.reset_index()
+
+
+def show(table) -> None:
+    """The table, the group statistics and the plot, in a notebook or a terminal."""
+    import utils
+
+    columns = [
+        c for c in ("run_name", "status", "epochs", "final_acc", "best_acc", "last5_acc", "minutes") if c in table
+    ]
+    print(table[columns].to_string(index=False, float_format="{:.2f}".format))
+    print("\nper group (mean and std over seeds):")
+    print(table.attrs["groups"].to_string(index=False, float_format="{:.2f}".format))
+    for _, row in table[table["status"].isin(["failed", "diverged"])].iterrows():
+        print(f"\n{row['run_name']} {row['status']}: {row.get('error', '')}")
+    if Path(table.attrs["plot"]).exists():
+        utils.show(table.attrs["plot"])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--grid", help='JSON object: field -> list of values, e.g. \'{"norm": ["dyt", "ln"], "seed": [0, 1]}\''
+    )
+    ap.add_argument("--overrides", default="{}", help="JSON object of Config fields shared by every run")
+    ap.add_argument("--per-gpu", type=int, default=1, help="runs at a time on each GPU (or on the CPU)")
+    ap.add_argument("--name", default="sweep", help="names the table, group statistics and plot")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one config as JSON
+    args = ap.parse_args(argv)
+    if args.one:
+        result = train_run(json.loads(args.one))
+        print(json.dumps(result))
+        sys.exit(0 if result["status"] == "finished" else 1)
+    if not args.grid:
+        ap.error("--grid is required")
+    axes = json.loads(args.grid)
+    if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
+        ap.error("--grid must be a JSON object of field -> non-empty list")
+    table = run_sweep(grid(with_overrides(Config(), args.overrides), axes), args.per_gpu, args.name)
+    show(table)
+
+
+if __name__ == "__main__":
+    main()
