@@ -46,12 +46,33 @@ class CorruptDatasetError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR batch holds (dicts, lists, strings, numbers and numpy arrays): a file
+    whose pickle names anything else (``os.system`` in a ``__reduce__``) is refused before it runs."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR batch")
+        return super().find_class(module, name)
+
+
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read one python-format CIFAR batch: images (N, 3, 32, 32) uint8 and labels (N,) int64."""
+    """Read one python-format CIFAR batch: images (N, 3, 32, 32) uint8 and labels (N,) int64.
+    Nothing in the file can run code (``_BatchUnpickler``)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = _BatchUnpickler(f, encoding="latin1").load()
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise CorruptDatasetError(
             f"{path} is truncated or corrupt ({type(e).__name__}: {e}). Delete the folder "
@@ -80,6 +101,11 @@ def ensure_cifar10(root: str | Path, download: bool = True) -> Path:
     needed with torchvision's md5-checked helpers. Raises ``DatasetNotFoundError`` saying where to
     put the data when it is absent and cannot be downloaded."""
     root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(
+            f"data_dir {root} is a file, not a folder. Point data_dir at the folder that holds (or should "
+            f"hold) {BATCH_FOLDER}/ or {ARCHIVE}."
+        )
     folder = root / BATCH_FOLDER
     if _batch_files_present(folder):
         return folder

@@ -1,11 +1,13 @@
 """Shared fixtures: small CIFAR-10 in the exact on-disk layout torchvision uses."""
 
+import csv
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from config import Config
 from data import BATCH_FOLDER, TEST_FILES, TRAIN_FILES
 
 
@@ -44,3 +46,35 @@ def train_all(trainer) -> None:
     """Train every remaining epoch, as the notebook's training cell does."""
     for epoch in trainer.remaining_epochs():
         trainer.run_epoch(epoch)
+
+
+TIME_COLUMNS = {"train_seconds", "eval_seconds", "checkpoint_seconds", "images_per_second"}
+
+
+def tiny(tmp_path, **overrides) -> Config:
+    base = dict(
+        epochs=3,
+        batch_size=32,
+        eval_batch_size=40,
+        dim=16,
+        depth=2,
+        heads=2,
+        warmup_epochs=1,
+        drop_path=0.2,
+        dropout=0.1,
+        device="cpu",
+        checkpoint_dir=str(tmp_path / "checkpoint"),
+        log_dir=str(tmp_path / "log"),
+        plot_dir=str(tmp_path / "plots"),
+    )
+    base.update(overrides)
+    return Config(**base)
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_time(table):
+    return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in table]

@@ -2,6 +2,7 @@
 generated CIFAR-10 files in torchvision's layout, then again with more epochs to check it resumes."""
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -102,3 +103,44 @@ def test_notebook_trains_then_resumes(tmp_path):
 
     third = _execute(tmp_path, "third", epochs=3, **common)  # finished: results again, no training
     assert "resuming after epoch 3 of 3" in _text(third) and len(read_csv(csv_path)) == 3
+
+
+def test_stop_button_mid_epoch_then_rerun_resumes_cleanly_in_a_real_kernel(tmp_path):
+    """The training cell interrupted in a live Jupyter kernel (what the stop button sends), then run
+    again: the cut-off epoch is trained again from the last checkpoint, never continued in memory."""
+    from jupyter_client.manager import start_new_kernel
+
+    data = write_fake_cifar10(tmp_path / "data", per_batch=60, test=40)
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
+    setup = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from config import Config
+from training import Trainer, load_data
+cfg = Config(epochs=3, dim=16, depth=1, heads=2, batch_size=10, device="cpu", data_dir={str(data)!r},
+             checkpoint_dir={str(tmp_path / "ck")!r}, log_dir={str(tmp_path / "log")!r},
+             plot_dir={str(tmp_path / "p")!r})
+trainer = Trainer(cfg, load_data(cfg), show_progress=False)
+real_step = trainer.train_step
+def slow_step(x, t):
+    time.sleep(0.1)
+    return real_step(x, t)
+trainer.train_step = slow_step
+"""
+    loop = "for epoch in trainer.remaining_epochs():\n    trainer.run_epoch(epoch)\nprint('steps', trainer.step)"
+    try:
+        assert kc.execute_interactive(setup, timeout=120)["content"]["status"] == "ok"
+        msg_id = kc.execute(loop)
+        time.sleep(4.5)  # 30 steps per epoch of 0.1 s: into epoch 2
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=60)
+        assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert kc.execute_interactive(loop, timeout=120)["content"]["status"] == "ok"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    latest = torch.load(tmp_path / "ck" / "dyt_cifar10_latest.pth", weights_only=True)
+    assert latest["epoch"] == 3 and latest["step"] == 3 * 30
+    assert [r["epoch"] for r in read_csv(tmp_path / "log" / "dyt_cifar10.csv")] == ["1", "2", "3"]
+    assert "restored after an interrupted epoch" in (tmp_path / "log" / "dyt_cifar10.log").read_text()

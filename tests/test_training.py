@@ -1,6 +1,5 @@
 """Training: config fields reaching the objects, schedule, weight-decay groups, exact resume, checkpoints, logs."""
 
-import csv
 import math
 
 import pytest
@@ -10,47 +9,16 @@ import figures
 import run_files
 import training
 from config import Config
-from conftest import QUIET, train_all
+from conftest import QUIET, rows, tiny, train_all, without_time
 from data import DatasetNotFoundError, load_cifar10
 from models import DynamicTanh, ViT
 from run_files import CheckpointError, ConfigMismatchError
 from training import Trainer, lr_at
 
-TIME_COLUMNS = {"train_seconds", "eval_seconds", "checkpoint_seconds", "images_per_second"}
-
-
-def tiny(tmp_path, **overrides) -> Config:
-    base = dict(
-        epochs=3,
-        batch_size=32,
-        eval_batch_size=40,
-        dim=16,
-        depth=2,
-        heads=2,
-        warmup_epochs=1,
-        drop_path=0.2,
-        dropout=0.1,
-        device="cpu",
-        checkpoint_dir=str(tmp_path / "checkpoint"),
-        log_dir=str(tmp_path / "log"),
-        plot_dir=str(tmp_path / "plots"),
-    )
-    base.update(overrides)
-    return Config(**base)
-
 
 @pytest.fixture
 def cifar(fake_cifar):
     return load_cifar10(fake_cifar, download=False)
-
-
-def rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def without_time(table):
-    return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in table]
 
 
 def test_config_fields_reach_the_objects(cifar, tmp_path):

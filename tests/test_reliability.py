@@ -1,0 +1,304 @@
+"""Reliability: each test is one way a run used to break (interrupts, divergence, two writers, damaged
+files, full disks, bad folders), and checks that it now either recovers exactly or stops clearly."""
+
+import csv
+import errno
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import run_files
+from conftest import QUIET, rows, tiny, train_all, without_time
+from data import CorruptDatasetError, ensure_cifar10, load_cifar10, read_batch
+from run_files import CheckpointError, RunLock, RunLockedError
+from training import DivergenceError, Trainer, lr_at
+
+
+@pytest.fixture
+def cifar(fake_cifar):
+    return load_cifar10(fake_cifar, download=False)
+
+
+def _interrupt_at(trainer, monkeypatch, step, exc=KeyboardInterrupt):
+    """Make ``trainer.train_step`` raise ``exc`` when the global step reaches ``step`` (once)."""
+    real = trainer.train_step
+    fired = []
+
+    def step_or_raise(x, targets):
+        if trainer.step == step and not fired:
+            fired.append(True)
+            raise exc()
+        return real(x, targets)
+
+    monkeypatch.setattr(trainer, "train_step", step_or_raise)
+
+
+# Row 1: an interrupted epoch is never continued from memory.
+def test_interrupted_epoch_is_restored_from_the_checkpoint_not_continued(cifar, tmp_path, monkeypatch):
+    full = Trainer(tiny(tmp_path / "a"), cifar, **QUIET)
+    train_all(full)
+
+    t = Trainer(tiny(tmp_path / "b"), cifar, **QUIET)
+    _interrupt_at(t, monkeypatch, step=t.steps_per_epoch + 2)  # in the middle of epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        train_all(t)
+    assert t.step == t.steps_per_epoch + 2  # the half-trained state that must not be continued
+    train_all(t)  # the training cell run again in the same kernel
+    assert t.step == full.step == 3 * t.steps_per_epoch
+    a, b = full.model.state_dict(), t.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert without_time(rows(full.paths["csv"])) == without_time(rows(t.paths["csv"]))
+    state = torch.load(t.paths["latest"], weights_only=True)
+    assert state["step"] == state["epoch"] * t.steps_per_epoch
+    assert "restored after an interrupted epoch" in t.paths["log"].read_text()
+
+
+def test_run_epoch_on_an_interrupted_trainer_restores_first(cifar, tmp_path, monkeypatch):
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    t.resume()
+    t.run_epoch(1)
+    _interrupt_at(t, monkeypatch, step=t.steps_per_epoch + 1, exc=RuntimeError)
+    with pytest.raises(RuntimeError):
+        t.run_epoch(2)
+    t.run_epoch(2)  # restores epoch 1's checkpoint, then trains epoch 2 from its start
+    assert t.step == 2 * t.steps_per_epoch and [r["epoch"] for r in rows(t.paths["csv"])] == ["1", "2"]
+
+
+# Row 2: a fresh start never overwrites an earlier run's best.
+def test_advice_of_the_corrupt_latest_error_keeps_best(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
+    train_all(t)
+    best_bytes = t.paths["best"].read_bytes()
+    latest = t.paths["latest"]
+    latest.write_bytes(latest.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="Move it away to start this run afresh") as info:
+        Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET).resume()
+    assert "set aside" in str(info.value)
+    latest.rename(tmp_path / "moved_away.pth")  # what the message says to do
+    fresh = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
+    assert fresh.resume() is None
+    train_all(fresh)
+    aside = list((tmp_path / "checkpoint").glob("dyt_cifar10_best.*.orphaned.pth"))
+    assert len(aside) == 1 and aside[0].read_bytes() == best_bytes
+    assert fresh.paths["best"].exists() and fresh.paths["best"].read_bytes() != best_bytes
+
+
+# Row 3: divergence stops the run; a non-finite model is never saved or scored.
+def test_nan_loss_stops_with_epoch_step_and_last_good_checkpoint(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=3), cifar, **QUIET)
+    t.resume()
+    t.run_epoch(1)
+    t.writer.wait()
+    latest, best = t.paths["latest"].read_bytes(), t.paths["best"].read_bytes()
+    with torch.no_grad():
+        t.model.head.weight[0, 0] = float("nan")
+    with pytest.raises(DivergenceError) as info:
+        t.run_epoch(2)
+    msg = str(info.value)
+    assert "epoch 2" in msg and f"step {t.steps_per_epoch + 1}" in msg and str(t.paths["latest"]) in msg
+    assert "(epoch 1)" in msg and "another run_name" in msg
+    assert t.paths["latest"].read_bytes() == latest and t.paths["best"].read_bytes() == best
+    assert [r["epoch"] for r in rows(t.paths["csv"])] == ["1"]
+    assert "DIVERGED" in t.paths["log"].read_text()
+
+
+def test_a_huge_learning_rate_diverges_instead_of_saving_nan_weights(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=2, lr=1e30, min_lr=0.0, grad_clip=0.0, warmup_epochs=0), cifar, **QUIET)
+    with pytest.raises(DivergenceError, match="epoch 1"):
+        train_all(t)
+    assert not t.paths["latest"].exists() and not t.paths["best"].exists()
+
+
+# Row 4: one writer per run.
+def test_second_process_on_the_same_run_is_refused_until_the_holder_dies(cifar, tmp_path):
+    cfg = tiny(tmp_path, epochs=1)
+    lock_path = tmp_path / "checkpoint" / "dyt_cifar10.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, time; sys.path[:0] = {sys.path!r}; from run_files import RunLock; "
+         f"lock = RunLock({str(lock_path)!r}); lock.acquire(); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=f"process {holder.pid}") as info:
+            Trainer(cfg, cifar, **QUIET).resume()
+        assert str(lock_path) in str(info.value) and "another run_name" in str(info.value)
+        assert not (tmp_path / "log" / "dyt_cifar10.csv").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    t = Trainer(cfg, cifar, **QUIET)  # the holder was SIGKILLed: its stale lock is taken over
+    train_all(t)
+    assert [r["epoch"] for r in rows(t.paths["csv"])] == ["1"]
+
+
+def test_a_newer_trainer_takes_over_and_the_old_one_writes_nothing(cifar, tmp_path):
+    old = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    old.resume()
+    new = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)  # the notebook's model cell re-run
+    new.resume()
+    with pytest.raises(RunLockedError, match="no longer holds"):
+        old.run_epoch(1)
+    train_all(new)
+    assert [r["epoch"] for r in rows(new.paths["csv"])] == ["1", "2"]
+
+
+def test_lock_from_another_host_is_stale_only_after_its_heartbeat_expires(tmp_path, monkeypatch):
+    path = tmp_path / "run.lock"
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "token": "x", "heartbeat": time.time()}))
+    with pytest.raises(RunLockedError, match="elsewhere"):
+        RunLock(path).acquire()
+    monkeypatch.setattr(run_files, "LOCK_STALE_SECONDS", 0)
+    RunLock(path).acquire()
+
+
+# Row 5: amp changes within a run.
+def test_resuming_a_bf16_run_with_fp16_works(cifar, tmp_path):
+    train_all(Trainer(tiny(tmp_path, epochs=1, amp="bf16"), cifar, **QUIET))
+    t = Trainer(tiny(tmp_path, epochs=2, amp="fp16"), cifar, **QUIET)
+    assert t.resume() == 1 and t.scaler.is_enabled()
+    train_all(t)
+    assert [r["epoch"] for r in rows(t.paths["csv"])] == ["1", "2"]
+
+
+# Row 6: nothing in a data file can run code.
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_data_file_cannot_run_code(fake_cifar, tmp_path):
+    marker = tmp_path / "pwned"
+    batch = fake_cifar / "cifar-10-batches-py" / "data_batch_1"
+    with open(batch, "wb") as f:
+        pickle.dump({"data": _Evil(marker), "labels": [0]}, f, protocol=2)
+    with pytest.raises(CorruptDatasetError, match="refusing to load posix.system|refusing to load os.system"):
+        read_batch(batch)
+    assert not marker.exists()
+
+
+# Row 7: integrity is checked on load.
+def test_flipped_bytes_in_latest_are_detected(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
+    train_all(t)
+    data = bytearray(t.paths["latest"].read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    t.paths["latest"].write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC") as info:
+        Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET).resume()
+    assert str(t.paths["latest"]) in str(info.value)
+
+
+# Row 8: temp files of a killed save are cleaned when the run starts.
+def test_stale_temp_files_of_this_run_are_removed(cifar, tmp_path):
+    ck = tmp_path / "checkpoint"
+    ck.mkdir()
+    ours = ck / ".dyt_cifar10_latest.pth.abc123.tmp"
+    theirs = ck / ".other_run_latest.pth.abc123.tmp"
+    ours.write_bytes(b"half")
+    theirs.write_bytes(b"half")
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
+    t.resume()
+    assert not ours.exists() and theirs.exists()
+    assert "removed 1 temp file" in t.paths["log"].read_text()
+
+
+# Row 9: a full disk is named as such.
+def test_full_disk_says_which_folder_and_how_much_space(cifar, tmp_path, monkeypatch):
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    t.resume()
+    t.run_epoch(1)
+    t.writer.wait()
+    latest = t.paths["latest"].read_bytes()
+
+    def full_disk(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 810880 vs 810768")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(OSError) as info:
+        t.run_epoch(2)
+    msg = str(info.value)
+    assert info.value.errno == errno.ENOSPC and "full" in msg and str(tmp_path / "checkpoint") in msg
+    assert "needs about" in msg and "MiB free" in msg
+    assert t.paths["latest"].read_bytes() == latest and not run_files.temp_files(t.paths["latest"])
+
+
+# Row 10: best copied over latest.
+def test_best_copied_over_latest_gets_a_clear_message(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
+    train_all(t)
+    shutil.copy(t.paths["best"], t.paths["latest"])
+    with pytest.raises(CheckpointError, match="best-model checkpoint") as info:
+        Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET).resume()
+    assert "cannot resume" in str(info.value) and "another run_name" in str(info.value)
+
+
+# Row 11: a CSV line of NUL bytes.
+def test_nul_line_in_the_csv_is_dropped_and_logged(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    t.resume()
+    t.run_epoch(1)
+    t.writer.wait()
+    with open(t.paths["csv"], "ab") as f:
+        f.write(b"\0" * 300 + b"\n")
+    again = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    assert again.resume() == 1
+    train_all(again)
+    assert [r["epoch"] for r in rows(again.paths["csv"])] == ["1", "2"]
+    assert "dropped 1 damaged CSV line" in again.paths["log"].read_text()
+    assert b"\0" not in again.paths["csv"].read_bytes()
+    assert list(csv.reader(open(again.paths["csv"])))[0][0] == "epoch"
+
+
+# Row 13: data_dir pointing at a file.
+def test_data_dir_that_is_a_file_says_so(tmp_path):
+    f = tmp_path / "cifar.zip"
+    f.write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        ensure_cifar10(f, download=True)
+
+
+# Row 15: an unwritable output folder is found before any training.
+def test_unwritable_checkpoint_folder_is_refused_before_training(cifar, tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    t = Trainer(tiny(tmp_path, checkpoint_dir=str(blocker / "ck")), cifar, **QUIET)
+    with pytest.raises(PermissionError, match="cannot write in .*not_a_folder"):
+        train_all(t)
+    assert t.step == 0 and not (tmp_path / "log" / "dyt_cifar10.csv").exists()
+
+
+# Row 16: lowering epochs is defined and said.
+def test_lowering_epochs_is_said_on_screen_and_in_status(cifar, tmp_path, capsys):
+    train_all(Trainer(tiny(tmp_path, epochs=3), cifar, **QUIET))
+    lower = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    assert lower.resume() == 3 and list(lower.remaining_epochs()) == []
+    out = capsys.readouterr().out
+    assert "epochs changed from 3 to 2" in out and "nothing left to train" in out
+    assert lower.status().startswith("finished: 3 epochs trained, more than epochs = 2")
+
+
+def test_lowering_epochs_mid_run_redraws_the_cosine(cifar, tmp_path, capsys):
+    t = Trainer(tiny(tmp_path, epochs=4), cifar, **QUIET)
+    t.resume()
+    t.run_epoch(1)
+    shorter = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    assert list(shorter.remaining_epochs()) == [2]
+    assert "re-drawn for 2 epochs" in capsys.readouterr().out
+    row = shorter.run_epoch(2)
+    spe, cfg = shorter.steps_per_epoch, shorter.cfg
+    assert shorter.total_steps == 2 * spe  # the cosine now ends with epoch 2
+    assert row["lr"] == pytest.approx(lr_at(2 * spe - 1, 2 * spe, shorter.warmup_steps, cfg.lr, cfg.min_lr))
