@@ -1,0 +1,175 @@
+"""Accuracy levers: RandAugment's per-op probability, average pooling, mimetic attention init, EMA,
+clean training accuracy and patch size 2, each reached from the config."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import QUIET, rows, tiny, train_all, without_time
+from data import load_cifar10
+from models import ViT
+from models.dyt import MIMETIC_QK, MIMETIC_VO, Attention, mimetic_init_
+from randomaug import OPS, RandAugment
+from training import Trainer
+
+
+@pytest.fixture
+def cifar(fake_cifar):
+    return load_cifar10(fake_cifar, download=False)
+
+
+def _images(n, seed=0):
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+# --- randaug_prob ------------------------------------------------------------------------------
+
+
+def test_randaug_prob_skips_about_that_share_of_ops():
+    aug = RandAugment(num_ops=1, prob=0.3)
+    op, _, _ = aug.draw(20_000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    applied = (op >= 0).float().mean().item()
+    assert abs(applied - 0.3) < 0.02 and op.max() < len(OPS)
+    assert (RandAugment(prob=1.0).draw(1000, torch.device("cpu"))[0] >= 0).all()
+
+
+def test_skipped_ops_leave_the_sample_unchanged_in_both_paths():
+    img = _images(64)
+    aug = RandAugment(num_ops=1, prob=0.5)
+    op, level, sign = aug.draw(64, img.device, torch.Generator().manual_seed(1))
+    grouped = aug.apply(img, op, level, sign, grouped=True)
+    masked = aug.apply(img, op, level, sign, grouped=False)
+    assert torch.equal(grouped, masked)
+    skipped = op < 0
+    assert 10 < skipped.sum() < 54 and torch.equal(grouped[skipped], img[skipped])
+
+
+def test_prob_zero_is_identity_and_bad_prob_is_refused():
+    img = _images(8)
+    assert torch.equal(RandAugment(prob=0.0)(img, torch.Generator().manual_seed(0)), img)
+    with pytest.raises(ValueError, match="prob"):
+        RandAugment(prob=1.5)
+
+
+# --- pooling -----------------------------------------------------------------------------------
+
+
+def test_gap_pooling_has_no_cls_token_and_reads_the_mean_of_final_norm_tokens():
+    torch.manual_seed(0)
+    model = ViT(dim=32, depth=2, heads=4, pool="gap").eval()
+    assert model.cls_token is None and model.pos_embed.shape == (1, 64, 32)
+    assert "cls_token" not in dict(model.named_parameters()) and model.no_weight_decay() == {"pos_embed"}
+    x = torch.randn(3, 3, 32, 32)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (3, 64, 32)
+    torch.testing.assert_close(model(x), model.head(tokens.mean(dim=1)))
+    cls = ViT(dim=32, depth=2, heads=4, pool="cls").eval()
+    torch.testing.assert_close(cls(x), cls.head(cls.forward_features(x)[:, 0]))
+
+
+# --- mimetic init ------------------------------------------------------------------------------
+
+
+def test_mimetic_init_gives_the_promised_products():
+    torch.manual_seed(0)
+    dim = 64
+    attn = Attention(dim, heads=1)  # one head of full width: the products are exactly the targets
+    mimetic_init_(attn)
+    q, k, v = attn.qkv.weight.view(3, dim, dim)
+    qk = q.T @ k  # scores are x W_q^T W_k x^T
+    vo = v.T @ attn.proj.weight.T  # the value-output map x -> x W_v^T W_o^T
+    eye = torch.eye(dim)
+    assert qk.diagonal().mean().item() == pytest.approx(MIMETIC_QK[1], abs=0.05)
+    assert vo.diagonal().mean().item() == pytest.approx(-MIMETIC_VO[1], abs=0.05)
+    # What is left is the random part alpha * Z, Z ~ N(0, 1/dim): its entries have std alpha / sqrt(dim).
+    assert (qk - MIMETIC_QK[1] * eye).std().item() == pytest.approx(MIMETIC_QK[0] / math.sqrt(dim), rel=0.15)
+    assert (vo + MIMETIC_VO[1] * eye).std().item() == pytest.approx(MIMETIC_VO[0] / math.sqrt(dim), rel=0.15)
+    assert attn.qkv.bias.abs().sum() == 0 and attn.proj.bias.abs().sum() == 0
+
+
+def test_mimetic_init_per_head_is_a_low_rank_piece_of_the_same_shape():
+    torch.manual_seed(0)
+    model = ViT(dim=48, depth=2, heads=3, attn_init="mimetic")
+    attn = model.blocks[1].attn
+    q, k, _ = attn.qkv.weight.view(3, 48, 48)
+    for h in range(3):
+        qk = q[h * 16 : (h + 1) * 16].T @ k[h * 16 : (h + 1) * 16]
+        assert torch.linalg.matrix_rank(qk) == 16
+        assert qk.diagonal().mean() > 3 * (qk - qk.diagonal().diag()).abs().mean()  # identity-like
+    default = ViT(dim=48, depth=2, heads=3)
+    dq, dk, _ = default.blocks[1].attn.qkv.weight.view(3, 48, 48)
+    assert (dq.T @ dk).diagonal().mean().abs() < 0.01
+
+
+# --- EMA and clean training accuracy -----------------------------------------------------------
+
+
+def test_ema_follows_the_weights_with_its_decay(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=1, ema_decay=0.5, clean_train_images=0), cifar, **QUIET)
+    before = [p.detach().clone() for p in t.ema.module.parameters()]
+    t.resume()
+    x, y = next(iter(t.train_loader))
+    x, targets = t.mixup(x, y)
+    t.train_step(x, targets)  # first update: decay min(0.5, 1/10) = 0.1
+    for e, b, p in zip(t.ema.module.parameters(), before, t.model.parameters()):
+        torch.testing.assert_close(e, 0.1 * b + 0.9 * p.detach())
+
+
+def test_ema_and_clean_accuracy_reach_the_csv_and_best_says_which_weights(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=2, ema_decay=0.9, clean_train_images=64), cifar, **QUIET)
+    train_all(t)
+    table = rows(t.paths["csv"])
+    assert {"ema_test_loss", "ema_test_acc", "train_clean_acc"} <= set(table[0])
+    best = max((float(r[c]), r["epoch"]) for r in table for c in ("test_acc", "ema_test_acc"))
+    assert t.best_acc == pytest.approx(best[0])
+    saved = torch.load(t.paths["best"], weights_only=True)
+    assert saved["weights"] in ("raw", "ema") and saved["weights"] == t.best_weights
+    model, info = t.best_model()
+    acc = t.confusion_matrix(model).diag().sum().item() / len(cifar.y_test)
+    assert acc == pytest.approx(info["test_acc"]) and info["weights"] == t.best_weights
+    # Clean accuracy is the model on the first 64 training images, unaugmented.
+    logits, labels, _ = t.predict(loader=t.clean_train_loader)
+    assert len(labels) == 64
+    assert float(table[-1]["train_clean_acc"]) == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+
+
+def test_resume_with_ema_is_bitwise_exact(cifar, tmp_path):
+    overrides = dict(ema_decay=0.8, pool="gap", attn_init="mimetic", randaug_prob=0.5)
+    full = Trainer(tiny(tmp_path / "a", **overrides), cifar, **QUIET)
+    train_all(full)
+    first = Trainer(tiny(tmp_path / "b", **overrides), cifar, **QUIET)
+    first.resume()
+    first.run_epoch(1)
+    del first
+    second = Trainer(tiny(tmp_path / "b", **overrides), cifar, **QUIET)
+    train_all(second)
+    for a, b in ((full.model, second.model), (full.ema.module, second.ema.module)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert without_time(rows(full.paths["csv"])) == without_time(rows(second.paths["csv"]))
+
+
+# --- patch size 2 ------------------------------------------------------------------------------
+
+
+def test_patch_size_2_runs_end_to_end(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=1, patch_size=2, dim=16, heads=2), cifar, **QUIET)
+    assert t.model.num_patches == 256 and t.model.pos_embed.shape == (1, 257, 16)
+    train_all(t)
+    assert math.isfinite(float(rows(t.paths["csv"])[0]["test_loss"]))
+
+
+def test_patch_size_2_compute_per_image():
+    # The README's figure: forward multiply-adds of the design's model (dim 384, depth 6) at patch 4 and 2.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def gflops(patch):
+        model = ViT(patch_size=patch, norm_layer=nn.LayerNorm).eval()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, 3, 32, 32))
+        return counter.get_total_flops() / 1e9
+
+    p4, p2 = gflops(4), gflops(2)
+    assert p4 == pytest.approx(1.383, abs=0.005) and p2 == pytest.approx(5.459, abs=0.005)  # GFLOP (2 per MAC)
