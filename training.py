@@ -453,9 +453,9 @@ class Trainer:
             seen += len(y)
             loss_sum += loss * len(y)
             correct += (logits.argmax(-1) == targets.argmax(-1)).sum()
-            if self._cpu_estimate_due and i + 1 == CPU_ESTIMATE_STEPS:
+            if self._cpu_estimate_due and i + 1 == min(CPU_ESTIMATE_STEPS, self.steps_per_epoch):
                 self._cpu_estimate_due = False
-                per_epoch = (time.perf_counter() - start) / CPU_ESTIMATE_STEPS * self.steps_per_epoch
+                per_epoch = (time.perf_counter() - start) / (i + 1) * self.steps_per_epoch
                 left = self.cfg.epochs - self.epoch
                 self._say(
                     f"CPU estimate: about {utils.duration(per_epoch)} per epoch of training, "

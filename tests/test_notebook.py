@@ -1,6 +1,7 @@
 """The notebook itself: committed clean, and executed headless (papermill, a real Jupyter kernel) on
 generated CIFAR-10 files in torchvision's layout, then again with more epochs to check it resumes."""
 
+import ast
 import json
 import time
 from pathlib import Path
@@ -144,3 +145,80 @@ trainer.train_step = slow_step
     assert latest["epoch"] == 3 and latest["step"] == 3 * 30
     assert [r["epoch"] for r in read_csv(tmp_path / "log" / "dyt_cifar10.csv")] == ["1", "2", "3"]
     assert "restored after an interrupted epoch" in (tmp_path / "log" / "dyt_cifar10.log").read_text()
+
+
+def test_every_parameter_parses():
+    import papermill
+
+    inspected = papermill.inspect_notebook(str(NOTEBOOK))
+    tagged = next(c for c in _cells() if "parameters" in c.get("metadata", {}).get("tags", []))
+    namespace: dict = {}
+    exec("".join(tagged["source"]), namespace)
+    names = {k for k in namespace if not k.startswith("__")}
+    assert set(inspected) == names  # a comment with " = " in it used to hide a parameter from papermill
+    assert all(ast.literal_eval(p["default"]) == namespace[n] for n, p in inspected.items())
+
+
+def test_config_from_parameters_takes_fields_then_overrides(tmp_path):
+    from config import config_from_parameters
+
+    params = {"epochs": 7, "lr": 0.001, "mount_drive": True, "checkpoint_dir": "", "log_dir": "/x/log"}
+    cfg = config_from_parameters(params, '{"lr": 0.002, "run_name": "sweep1"}', tmp_path)
+    assert (cfg.epochs, cfg.lr, cfg.name) == (7, 0.002, "sweep1")
+    assert cfg.checkpoint_dir == str(tmp_path / "checkpoint") and cfg.log_dir == "/x/log"
+
+
+def test_overrides_reach_the_saved_config_and_file_names_and_unknown_keys_stop(tmp_path):
+    import papermill
+
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=20)
+    common = dict(
+        dim=16, depth=1, heads=2, batch_size=50, epochs=1, device="cpu", data_dir=str(data),
+        checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "log"), plot_dir=str(tmp_path / "plots"),
+        show_progress=False,
+    )  # fmt: skip
+    nb = _execute(
+        tmp_path, "overrides", overrides={"run_name": "big", "randaug_magnitude": 5, "ema_decay": 0.9}, **common
+    )
+    saved = json.loads((tmp_path / "log" / "big_config.json").read_text())
+    assert saved["randaug_magnitude"] == 5 and saved["ema_decay"] == 0.9 and saved["dim"] == 16
+    assert (tmp_path / "ck" / "big_latest.pth").exists() and (tmp_path / "plots" / "big_training.png").exists()
+    text = _text(nb)
+    assert "WARNING: training on the CPU" in text and "CPU estimate: about" in text
+    assert "epoch    1/1" in text  # one line per epoch, headless
+    try:
+        _execute(tmp_path, "unknown", overrides='{"randaug_magnitud": 5}', **common)
+    except papermill.PapermillExecutionError as e:
+        assert "randaug_magnitud" in str(e) and "did you mean 'randaug_magnitude'" in str(e)
+    else:
+        raise AssertionError("an unknown override key must stop the notebook")
+
+
+def _bootstrap_source() -> str:
+    code = [c for c in _cells() if c["cell_type"] == "code"]
+    return "".join(code[0]["source"])
+
+
+def test_first_cell_on_a_blank_runtime_says_how_to_get_the_code(tmp_path, monkeypatch):
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    monkeypatch.chdir(blank)
+    try:
+        exec(_bootstrap_source(), {})
+    except RuntimeError as e:
+        message = str(e)
+    else:
+        raise AssertionError("the first cell must stop when the modules are missing")
+    assert "git clone" in message and "%cd dyt_cifar10" in message and "%pip install -r requirements.txt" in message
+
+
+def test_first_cell_finds_an_uploaded_project_folder(tmp_path, monkeypatch):
+    project = tmp_path / "dyt_cifar10"
+    for name in ("config.py", "training.py", "data.py", "randomaug.py", "models/dyt.py"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("")
+    (tmp_path / "blank").mkdir()
+    monkeypatch.chdir(tmp_path / "blank")
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    exec(_bootstrap_source(), {})
+    assert Path.cwd() == project
