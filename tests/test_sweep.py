@@ -1,0 +1,96 @@
+"""Several runs: grid -> runs with readable names, child processes, the table, group statistics and
+plot, one failure not stopping the rest, and a sweep killed part-way then run again."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import sweep
+from config import Config
+from conftest import rows, write_fake_cifar10
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _base(tmp_path, data, **kw) -> Config:
+    values = dict(
+        epochs=2, dim=16, depth=1, heads=2, batch_size=50, eval_batch_size=50, device="cpu", data_dir=str(data),
+        download=False, checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "log"),
+        plot_dir=str(tmp_path / "plots"), clean_train_images=50,
+    )  # fmt: skip
+    values.update(kw)
+    return Config(**values)
+
+
+def test_grid_names_each_run_after_its_overrides():
+    runs = sweep.grid(Config(run_name="mine"), {"norm": ["dyt", "ln"], "seed": [0, 1]})
+    assert [c.name for c, _ in runs] == [
+        "mine_norm-dyt_seed-0",
+        "mine_norm-dyt_seed-1",
+        "mine_norm-ln_seed-0",
+        "mine_norm-ln_seed-1",
+    ]
+    assert [(c.norm, c.seed) for c, _ in runs] == [("dyt", 0), ("dyt", 1), ("ln", 0), ("ln", 1)]
+    assert runs[3][1] == {"norm": "ln", "seed": 1}
+
+
+def test_tiny_sweep_table_group_statistics_and_plot(tmp_path):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
+    runs = sweep.grid(_base(tmp_path, data), {"norm": ["dyt", "ln"], "seed": [0, 1]})
+    table = sweep.run_sweep(runs, per_gpu=2, name="norms", quiet=True)
+    assert list(table["status"]) == ["finished"] * 4 and list(table["epochs"]) == [2] * 4
+    for cfg, _ in runs:
+        accs = [100 * float(r["test_acc"]) for r in rows(Path(cfg.log_dir) / f"{cfg.name}.csv")]
+        row = table[table["run_name"] == cfg.name].iloc[0]
+        assert row["final_acc"] == pytest.approx(accs[-1]) and row["last5_acc"] == pytest.approx(sum(accs) / 2)
+    groups = table.attrs["groups"].set_index("norm")
+    for norm in ("dyt", "ln"):
+        mine = table[table["norm"] == norm]["last5_acc"]
+        assert groups.loc[norm, "last5_acc_mean"] == pytest.approx(mine.mean())
+        assert groups.loc[norm, "last5_acc_std"] == pytest.approx(mine.std())
+        assert groups.loc[norm, "runs"] == 2
+    assert (tmp_path / "log" / "norms_runs.csv").exists() and (tmp_path / "log" / "norms_groups.csv").exists()
+    assert (tmp_path / "plots" / "norms.png").read_bytes()[:4] == b"\x89PNG"
+    # Run again: everything is finished, nothing is trained.
+    before = {c.name: (Path(c.log_dir) / f"{c.name}.csv").read_bytes() for c, _ in runs}
+    again = sweep.run_sweep(runs, per_gpu=2, name="norms", quiet=True)
+    assert list(again["status"]) == ["finished"] * 4
+    assert before == {c.name: (Path(c.log_dir) / f"{c.name}.csv").read_bytes() for c, _ in runs}
+
+
+def test_one_failing_run_does_not_stop_the_others(tmp_path):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
+    base = _base(tmp_path, data, epochs=1, lr=1e30, min_lr=0.0, grad_clip=0.0, warmup_epochs=0)
+    runs = sweep.grid(base, {"norm": ["dyt"], "lr": [1e30, 1e-3]})
+    table = sweep.run_sweep(runs, per_gpu=2, name="mixed", quiet=True)
+    status = dict(zip(table["run_name"], table["status"]))
+    assert status[runs[0][0].name] == "diverged" and status[runs[1][0].name] == "finished"
+    assert "diverged" in table[table["status"] == "diverged"].iloc[0]["error"]
+
+
+def test_killed_sweep_resumes_every_run_once(tmp_path):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=60, test=40)
+    overrides = json.dumps(_base(tmp_path, data, epochs=4, batch_size=10).to_dict())
+    command = [sys.executable, str(ROOT / "sweep.py"), "--grid", '{"norm": ["dyt", "ln"], "seed": [0, 1]}',
+               "--overrides", overrides, "--per-gpu", "2", "--name", "killed"]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL)
+    log = tmp_path / "log" / "dyt_cifar10_norm-dyt_seed-0.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(rows(log)) >= 1):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its children, mid-run
+    proc.wait()
+    assert log.exists() and len(rows(log)) < 4
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for norm in ("dyt", "ln"):
+        for seed in (0, 1):
+            table = rows(tmp_path / "log" / f"dyt_cifar10_norm-{norm}_seed-{seed}.csv")
+            assert [r["epoch"] for r in table] == ["1", "2", "3", "4"]  # every epoch once, none twice
+    assert "killed: 4 runs" in done.stdout and "per group" in done.stdout
