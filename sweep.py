@@ -104,14 +104,14 @@ def _launch(cfg: Config, gpu: Optional[int], per_process_threads: int) -> subpro
     else:
         env["OMP_NUM_THREADS"] = str(per_process_threads)
     Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
-    out = open(Path(cfg.log_dir) / f"{cfg.name}.out", "a")
-    return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(cfg.to_dict())],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=str(Path(__file__).resolve().parent),
-    )
+    with open(Path(cfg.log_dir) / f"{cfg.name}.out", "a") as out:  # the child keeps its own copy of the file
+        # Same working directory as this process, so relative folders in the config mean the same there.
+        return subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(cfg.to_dict())],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
 
 def run_sweep(runs: list[tuple[Config, dict]], per_gpu: int = 1, name: str = "sweep", quiet: bool = False):

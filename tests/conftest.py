@@ -39,6 +39,14 @@ def fake_cifar(tmp_path):
     return write_fake_cifar10(tmp_path / "data")
 
 
+@pytest.fixture
+def cifar(fake_cifar):
+    """The generated CIFAR-10 loaded onto the CPU by the real loading code."""
+    from data import load_cifar10
+
+    return load_cifar10(fake_cifar, download=False)
+
+
 QUIET = dict(show_progress=False, print_epochs=False)  # Trainer keyword arguments: nothing on screen
 
 
@@ -48,7 +56,7 @@ def train_all(trainer) -> None:
         trainer.run_epoch(epoch)
 
 
-TIME_COLUMNS = {"train_seconds", "eval_seconds", "checkpoint_seconds", "images_per_second"}
+TIME_COLUMNS = {"train_seconds", "eval_seconds", "checkpoint_seconds", "compile_seconds", "images_per_second"}
 
 
 def tiny(tmp_path, **overrides) -> Config:

@@ -8,16 +8,10 @@ import torch
 from torch import nn
 
 from conftest import QUIET, rows, tiny, train_all, without_time
-from data import load_cifar10
 from models import ViT
 from models.dyt import MIMETIC_QK, MIMETIC_VO, Attention, mimetic_init_
 from randomaug import OPS, RandAugment
 from training import Trainer
-
-
-@pytest.fixture
-def cifar(fake_cifar):
-    return load_cifar10(fake_cifar, download=False)
 
 
 def _images(n, seed=0):

@@ -17,14 +17,9 @@ import torch
 
 import run_files
 from conftest import QUIET, rows, tiny, train_all, without_time
-from data import CorruptDatasetError, ensure_cifar10, load_cifar10, read_batch
+from data import CorruptDatasetError, ensure_cifar10, read_batch
 from run_files import CheckpointError, RunLock, RunLockedError
 from training import DivergenceError, Trainer, lr_at
-
-
-@pytest.fixture
-def cifar(fake_cifar):
-    return load_cifar10(fake_cifar, download=False)
 
 
 def _interrupt_at(trainer, monkeypatch, step, exc=KeyboardInterrupt):
