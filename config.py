@@ -146,6 +146,9 @@ class Config:
     grad_clip: float = _field(1.0, number(lambda v: v >= 0, ">= 0 (0: off)"))  # max global gradient norm
     amp: str = _field("auto", one_of("auto", "bf16", "fp16", "off"))  # autocast dtype; "auto": see training.py
     compile: Optional[bool] = _field(None, optional_boolean)  # torch.compile; None: on for CUDA, off elsewhere
+    cuda_graphs: Optional[bool] = _field(
+        None, optional_boolean
+    )  # compiled steps as CUDA graphs; None: when compiling on CUDA
     device: str = _field("auto", device)  # "auto" (cuda > mps > cpu), or "cuda:1", "cpu", ...
     # --- outputs ---
     checkpoint_dir: str = _field("checkpoint", path)  # <run>_latest.pth (every epoch), <run>_best.pth
@@ -238,14 +241,20 @@ RESUMABLE_CHANGES = frozenset(
         "eval_batch_size",
         "amp",
         "compile",
+        "cuda_graphs",
         "device",
     }
 )
 
 
 def config_differences(saved: dict, current: Config) -> dict[str, tuple]:
-    """Fields (other than ``RESUMABLE_CHANGES``) whose saved value differs: name -> (saved, current)."""
+    """Fields (other than ``RESUMABLE_CHANGES``) whose saved value differs: name -> (saved, current).
+
+    A field the saved config lacks (written before the field existed) counts as its default, which
+    is what that older code did, so an older run resumes as long as the new field keeps its default."""
     now = current.to_dict()
+    defaults = Config().to_dict()
+    saved = {**{n: v for n, v in defaults.items() if n not in saved}, **saved}
     names = (set(saved) | set(now)) - RESUMABLE_CHANGES
     return {
         n: (saved.get(n, "<missing>"), now.get(n, "<missing>"))

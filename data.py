@@ -184,12 +184,14 @@ def normalize(x: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tens
     """uint8 (B, C, H, W) -> float32 normalised with per-channel mean/std.
 
     The constants are copied to the device once, not per call (each copy would block the host)."""
-    key = (tuple(mean), tuple(std), x.device)
-    if key not in _NORMALIZE_CONSTANTS or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # traced code builds its constants (no guard on the cache below)
         m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255.0
         s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255.0
-        if torch.compiler.is_compiling():  # traced code must not touch the cache
-            return (x.to(torch.float32) - m) / s
+        return (x.to(torch.float32) - m) / s
+    key = (tuple(mean), tuple(std), x.device)
+    if key not in _NORMALIZE_CONSTANTS:
+        m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255.0
+        s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255.0
         _NORMALIZE_CONSTANTS[key] = (m, s)
     m, s = _NORMALIZE_CONSTANTS[key]
     return (x.to(torch.float32) - m) / s
@@ -312,6 +314,7 @@ class Mixup:
         self.label_smoothing = label_smoothing
         self.num_classes = num_classes
         self.rng = random.Random(seed)
+        self._weights: Optional[torch.Tensor] = None  # device buffer: (lambda, 1 - lambda) of the batch
 
     def smooth_one_hot(self, y: torch.Tensor) -> torch.Tensor:
         off = self.label_smoothing / self.num_classes
@@ -335,21 +338,33 @@ class Mixup:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lam, box = self.draw(x.shape[-2], x.shape[-1])
-        return self.mix(x, y, lam, box)
+        if lam >= 1.0:
+            return self.mix(x, y, lam, box)
+        # lam and 1 - lam go to the device as tensors filled by kernels (no copy, no sync): the values
+        # the float path uses, so the same images, and a traced or captured step does not bake them in.
+        if self._weights is None or self._weights.device != x.device:
+            self._weights = torch.zeros(2, device=x.device)
+        self._weights[0].fill_(lam)
+        self._weights[1].fill_(1.0 - lam)
+        return self._mix(x, y, self._weights[0], self._weights[1], box)
 
     def mix(self, x: torch.Tensor, y: torch.Tensor, lam: float, box=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mix with a given lambda (and box): ``lam`` weighs the original sample and its label."""
-        targets = self.smooth_one_hot(y)
         if lam >= 1.0:
-            return x, targets
+            return x, self.smooth_one_hot(y)
+        return self._mix(x, y, lam, 1.0 - lam, box)
+
+    def _mix(self, x, y, keep, other, box) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keep`` (lambda) and ``other`` (1 - lambda): floats, or 0-d tensors holding the same values."""
+        targets = self.smooth_one_hot(y)
         partner = x.flip(0)
         if box is None:
-            x = x * lam + partner * (1.0 - lam)
+            x = x * keep + partner * other
         else:
             y0, y1, x0, x1 = box
             x = x.clone()
             x[:, :, y0:y1, x0:x1] = partner[:, :, y0:y1, x0:x1]
-        return x, targets * lam + targets.flip(0) * (1.0 - lam)
+        return x, targets * keep + targets.flip(0) * other
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()

@@ -347,12 +347,29 @@ def read_csv(path: str | Path) -> list[dict]:
 
 
 def append_csv(path: str | Path, row: dict) -> None:
-    """Append one row, writing the header first when the file is new or empty."""
+    """Append one row, writing the header first when the file is new or empty. A row with columns
+    the file lacks (a run continued by a newer version) first rewrites the file with the union of
+    both (atomically; older rows get empty cells), so no column is shifted or lost."""
     path = Path(path)
-    new = not path.exists() or path.stat().st_size == 0
+    header = []
+    if path.exists() and path.stat().st_size:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+    if header and not set(row) <= set(header):
+        fields = header + [k for k in row if k not in header]
+        old = read_csv(path)
+
+        def rewrite(tmp: str) -> None:
+            with open(tmp, "w", newline="") as out:
+                w = csv.DictWriter(out, fieldnames=fields, restval="")
+                w.writeheader()
+                w.writerows(old + [row])
+
+        atomic_write(path, rewrite)
+        return
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
+        writer = csv.DictWriter(f, fieldnames=header or list(row), restval="")
+        if not header:
             writer.writeheader()
         writer.writerow(row)
 

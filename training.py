@@ -53,6 +53,7 @@ PROGRESS_EVERY = 50  # steps between progress-bar updates: the only host syncs i
 CPU_ESTIMATE_STEPS = 3  # steps timed on a CPU before the time per epoch is estimated
 RESEED_STRIDE = 1_000_003  # loader seed after a device-type change: seed * stride + epoch
 EMA_WARMUP = 10  # EMA decay ramps as (1 + n) / (EMA_WARMUP + n) over the first updates
+COMPILE_PROOF_STEPS = 3  # steps a compiled model must run (CUDA graphs record on the 2nd) before it is trusted
 
 
 class DivergenceError(RuntimeError):
@@ -189,6 +190,10 @@ class Trainer:
         self.show_progress = show_progress
         self.print_epochs = print_epochs
         self.use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        graphs = self.use_compile and self.device.type == "cuda" and cfg.cuda_graphs is not False
+        # torch.compile modes to try in order; a mode whose first steps fail gives way to the next.
+        self.compile_modes = (["reduce-overhead"] if graphs else []) + (["default"] if self.use_compile else [])
+        self.compile_seconds = 0.0  # spent compiling (and recording CUDA graphs) in this session
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # the few float32 matmuls (loss, head under fp16)
             torch.backends.cudnn.allow_tf32 = True
@@ -229,16 +234,23 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(self.device)
-        self.compiled_model = torch.compile(self.model, dynamic=False) if self.use_compile else None  # 2 shapes
-        self.forward_model = self.compiled_model or self.model  # what the steps call
+        self._use_compile_mode(self.compile_modes[0] if self.compile_modes else None)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.compiled_ema = (
             torch.compile(self.ema.module, dynamic=False) if self.ema is not None and self.use_compile else None
         )
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # The learning rate lives on the device; each step fills it from lr_at() with a kernel (no copy,
+        # no sync), so a compiled or captured optimizer step reads it instead of baking in a constant.
+        # float64 on the CPU gives bit-identical steps to a Python-float lr (tests/test_training.py).
+        self.lr = torch.full((), cfg.lr, dtype=torch.float64 if self.device.type == "cpu" else torch.float32)
+        self.lr = self.lr.to(self.device)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.augment = build_augment(cfg, compile=self.use_compile)
+        self._augment_compiled = False
         d = self.data
         self.train_loader = DeviceLoader(
             d.x_train, d.y_train, cfg.batch_size, shuffle=True, augment=self.augment, seed=cfg.seed
@@ -300,6 +312,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for g in self.optimizer.param_groups:  # the saved lr is a copy: point every group at the live one
+            g["lr"] = self.lr
         if self.scaler.is_enabled() and state["scaler"]:  # an amp change (bf16 <-> fp16) starts a fresh scaler
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
@@ -408,23 +422,76 @@ class Trainer:
 
     # --- one epoch -----------------------------------------------------------------------------
 
+    def _use_compile_mode(self, mode: Optional[str]) -> None:
+        """Compile the model with ``mode`` (``None``: run it eagerly); set what the steps call."""
+        self.compile_mode = mode
+        self.compiled_model = torch.compile(self.model, dynamic=False, mode=mode) if mode else None  # 2 shapes
+        self.forward_model = self.model if self.compiled_model is None else self.compiled_model  # what steps call
+        self._unproven_steps = COMPILE_PROOF_STEPS if mode else 0
+        self._eval_compiled = False
+
+    def _fall_back(self, error: Exception) -> None:
+        """The compiled model failed in its first steps: use the next compile mode (CUDA graphs ->
+        plain compile -> eager) and say so once."""
+        modes = self.compile_modes
+        following = modes[modes.index(self.compile_mode) + 1 :] if self.compile_mode in modes else []
+        fallback = following[0] if following else None
+        self._say(
+            f"note: torch.compile(mode={self.compile_mode!r}) failed ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); continuing with "
+            + (f"mode={fallback!r}" if fallback else "the model run eagerly")
+        )
+        self._use_compile_mode(fallback)
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
+    def _set_lr(self, lr: float) -> None:
+        self.lr.fill_(lr)
+
     def train_step(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on a prepared batch (soft targets); returns logits and loss, unsynced."""
-        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.cfg.lr, self.cfg.min_lr)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        """One optimizer step on a prepared batch (soft targets); returns logits and loss, unsynced.
+
+        The first steps of a compiled model are timed as compile time (with a sync each), and a
+        failure there falls back to the next compile mode and redoes the step."""
+        self._set_lr(lr_at(self.step, self.total_steps, self.warmup_steps, self.cfg.lr, self.cfg.min_lr))
+        if not self._unproven_steps:
+            return self._step(x, targets)
+        start = self._synced_time()
+        self._optimizer_stepped = False
+        try:
+            out = self._step(x, targets)
+        except Exception as e:  # an Inductor, Triton or CUDA-graph failure must not stop the run
+            if self._optimizer_stepped:  # not a compile failure: the step itself went wrong
+                raise
+            self.compile_seconds += self._synced_time() - start
+            self._fall_back(e)
+            return self.train_step(x, targets)
+        self._unproven_steps -= 1
+        self.compile_seconds += self._synced_time() - start
+        return out
+
+    def _augment_compiling(self) -> bool:
+        return self.augment.compiled is not None and not self._augment_compiled
+
+    def _synced_time(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _step(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
         with self._autocast():
             logits = self.forward_model(x)
         loss = soft_cross_entropy(logits, targets)
-        self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip, foreach=self.device.type == "cuda")
         self.scaler.step(self.optimizer)
+        self._optimizer_stepped = True
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.step)
@@ -435,6 +502,7 @@ class Trainer:
         """One pass over the training set; metrics stay on the device (no per-step sync). Raises
         ``DivergenceError`` if the loss or the weights are no longer finite."""
         self.forward_model.train()
+        compiling_before = self.compile_seconds
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -444,8 +512,11 @@ class Trainer:
             if self.show_progress
             else None
         )
-        start = time.perf_counter()
+        start = fetched = self._synced_time() if self._augment_compiling() else time.perf_counter()
         for i, (x, y) in enumerate(self.train_loader):
+            if i == 0 and self._augment_compiling():  # the first batch compiles the augmentation
+                self._augment_compiled = True
+                self.compile_seconds += self._synced_time() - fetched
             x, targets = self.mixup(x, y)
             logits, loss = self.train_step(x, targets)
             loss = loss.detach()
@@ -472,16 +543,18 @@ class Trainer:
         train_loss, train_acc, bad, finite = (
             v.item() for v in (loss_sum / seen, correct / seen, first_bad_step, weights_finite)
         )
-        seconds = time.perf_counter() - start
+        compiling = self.compile_seconds - compiling_before
+        seconds = time.perf_counter() - start - compiling
         if bar is not None:
             bar.close()
         if bad >= 0 or not math.isfinite(train_loss) or not finite:
             self._diverged(bad, train_loss)
         return {
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": float(self.lr),
             "train_loss": train_loss,
             "train_acc": train_acc,
             "train_seconds": seconds,
+            "compile_seconds": compiling,
             "images_per_second": seen / seconds,
         }
 
@@ -522,7 +595,7 @@ class Trainer:
             if n < bs:
                 x = torch.cat([x, x.new_zeros((bs - n,) + x.shape[1:])])
             with self._autocast():
-                outs.append(net(x)[:n].float())
+                outs.append(net(x)[:n].float().clone())  # a CUDA graph's output is overwritten by its next replay
             labels.append(y)
         logits, labels = torch.cat(outs), torch.cat(labels)
         return logits, labels, F.cross_entropy(logits, labels, reduction="sum")
@@ -532,7 +605,7 @@ class Trainer:
         scored = {}
         models = [("", self.forward_model)]
         if self.ema is not None:
-            models.append(("ema_", self.compiled_ema or self.ema.module))
+            models.append(("ema_", self.ema.module if self.compiled_ema is None else self.compiled_ema))
         for prefix, model in models:
             logits, labels, loss_sum = self.predict(model)
             scored[f"{prefix}test_loss"] = loss_sum / len(labels)
@@ -566,7 +639,13 @@ class Trainer:
         stats = self.train_epoch()
         start = time.perf_counter()
         stats.update(self.evaluate())
-        stats["eval_seconds"] = time.perf_counter() - start
+        if self.compiled_model is not None and not self._eval_compiled:  # the first evaluation compiles
+            self._eval_compiled = True
+            stats["compile_seconds"] += time.perf_counter() - start
+            self.compile_seconds += time.perf_counter() - start
+            stats["eval_seconds"] = 0.0
+        else:
+            stats["eval_seconds"] = time.perf_counter() - start
         self.epoch = epoch
         if self.step != epoch * self.steps_per_epoch:  # never save a state that resume would refuse
             raise RuntimeError(f"internal error: step {self.step} after epoch {epoch} of {self.steps_per_epoch} steps")
@@ -584,7 +663,7 @@ class Trainer:
         stats["checkpoint_seconds"] = time.perf_counter() - start
         row = self._csv_row(epoch, stats)
         append_csv(self.paths["csv"], row)
-        self._epoch_wall_seconds.append(time.perf_counter() - wall)
+        self._epoch_wall_seconds.append(time.perf_counter() - wall - stats["compile_seconds"])
         self._say(self._epoch_line(epoch, stats), echo=self.print_epochs)
         self.writer.submit(([(self.paths["best"], best)] if best else []) + [(self.paths["latest"], latest)])
         if epoch >= self.cfg.epochs:
@@ -610,7 +689,7 @@ class Trainer:
         row.update(test_loss=stats["test_loss"], test_acc=stats["test_acc"])
         if self.ema is not None:
             row.update(ema_test_loss=stats["ema_test_loss"], ema_test_acc=stats["ema_test_acc"])
-        for key in ("train_seconds", "eval_seconds", "checkpoint_seconds", "images_per_second"):
+        for key in ("train_seconds", "eval_seconds", "checkpoint_seconds", "compile_seconds", "images_per_second"):
             row[key] = stats[key]
         row.update({f"alpha_{name}": v for name, v in alphas(self.model).items()})
         return row
@@ -624,7 +703,9 @@ class Trainer:
             f"epoch {epoch:4d}/{self.cfg.epochs} lr {stats['lr']:.2e} | train loss {stats['train_loss']:.4f} "
             f"acc {100 * stats['train_acc']:.1f}%{clean} | test loss {stats['test_loss']:.4f} acc "
             f"{100 * stats['test_acc']:.2f}%{ema} (best {100 * self.best_acc:.2f}% @ {self.best_epoch}) | "
-            f"{stats['train_seconds'] + stats['eval_seconds'] + stats['checkpoint_seconds']:.1f}s | "
+            f"{stats['train_seconds'] + stats['eval_seconds'] + stats['checkpoint_seconds']:.1f}s"
+            + (f" (+{stats['compile_seconds']:.0f}s compiling)" if stats["compile_seconds"] >= 0.5 else "")
+            + " | "
             f"left ~{utils.duration(recent * left)}"
         )
 
@@ -673,8 +754,8 @@ class Trainer:
             self._say(f"note: {note}")
         self._write_log("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
         self._write_log(
-            f"model: {NORM_NAMES[self.cfg.norm]} ViT, {self.num_parameters:,} parameters, compiled="
-            f"{self.compiled_model is not None}, amp={self.amp_dtype}, steps/epoch={self.steps_per_epoch}, "
+            f"model: {NORM_NAMES[self.cfg.norm]} ViT, {self.num_parameters:,} parameters, compile mode="
+            f"{self.compile_mode}, amp={self.amp_dtype}, steps/epoch={self.steps_per_epoch}, "
             f"warmup steps={self.warmup_steps}"
         )
         self._write_log("config: " + json.dumps(self.cfg.to_dict()))

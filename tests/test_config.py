@@ -51,6 +51,7 @@ BAD_VALUES = {
     "grad_clip": -1.0,
     "amp": "fp8",
     "compile": "yes",
+    "cuda_graphs": 1,
     "device": "gpu:x",
     "checkpoint_dir": "",
     "log_dir": 3,
@@ -154,3 +155,10 @@ def test_devices_that_exist_are_accepted():
     assert Config(device="cpu").device == "cpu"
     if torch.cuda.is_available():
         assert Config(device="cuda:0").device == "cuda:0"
+
+
+def test_a_checkpoint_from_before_a_field_existed_resumes_at_that_fields_default():
+    saved = Config().to_dict()
+    del saved["ema_decay"], saved["pool"]  # written by an older version
+    assert config_differences(saved, Config()) == {}
+    assert config_differences(saved, Config(pool="gap")) == {"pool": ("cls", "gap")}
