@@ -36,15 +36,13 @@ def summarize_run(csv_path: str | Path) -> dict:
     return summary
 
 
-def next_steps(summary: dict, planned_epochs: int) -> list[str]:
-    """Plain advice from a run's summary: what its curves suggest trying next."""
+def next_steps(summary: dict, cfg) -> list[str]:
+    """Plain advice from a run's summary and its config (``config.Config``): what to try next."""
     if not summary.get("epochs"):
         return ["Nothing trained yet: run the training cell."]
     tips = []
-    if summary["epochs"] < planned_epochs:
-        tips.append(
-            f"The run stopped at epoch {summary['epochs']} of {planned_epochs}: run all cells again to resume it."
-        )
+    if summary["epochs"] < cfg.epochs:
+        tips.append(f"The run stopped at epoch {summary['epochs']} of {cfg.epochs}: run all cells again to resume it.")
     if summary["epochs"] < 50:
         tips.append(
             "A short run: accuracy keeps rising for 100-200 epochs; judge a recipe on a longer run (raise epochs and "
@@ -54,10 +52,23 @@ def next_steps(summary: dict, planned_epochs: int) -> list[str]:
     if math.isnan(gap):
         tips.append("Set clean_train_images > 0 to see whether the model under- or overfits.")
     elif gap < 3:
+        weaker = []
+        if cfg.randaugment and cfg.randaug_ops and cfg.randaug_prob > 0.5:
+            weaker.append("randaug_prob 0.5")
+        if cfg.randaugment and cfg.randaug_ops and cfg.randaug_magnitude > 5:
+            weaker.append("randaug_magnitude 5")
+        if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
+            weaker.append("mixup_alpha 0")
+        if cfg.drop_path > 0:
+            weaker.append("drop_path 0")
         tips.append(
             f"Clean training accuracy ({summary['train_clean_acc']:.1f}%) is close to test accuracy: the model "
-            f"underfits. Less regularisation should help: overrides {{'randaug_prob': 0.5}} or "
-            f"{{'randaug_magnitude': 5}}, or drop_path 0, in a new run (run_name)."
+            f"underfits. "
+            + (
+                f"Less regularisation should help ({', '.join(weaker)}), in a new run (another run_name)."
+                if weaker
+                else "It has no augmentation or regularisation left to remove: train longer or use a larger model."
+            )
         )
     elif gap > 10:
         tips.append(

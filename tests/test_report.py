@@ -1,0 +1,47 @@
+"""A run's summary and advice, read from its CSV alone."""
+
+import math
+
+import pytest
+
+import run_files
+from config import Config
+from report import next_steps, summarize_run
+
+
+def _csv(tmp_path, accs, clean=None, ema=None):
+    path = tmp_path / "run.csv"
+    for i, acc in enumerate(accs):
+        row = {"epoch": i + 1, "test_acc": acc, "train_seconds": 30.0, "eval_seconds": 6.0, "checkpoint_seconds": 0.0}
+        if clean is not None:
+            row["train_clean_acc"] = clean
+        if ema is not None:
+            row["ema_test_acc"] = ema[i]
+        run_files.append_csv(path, row)
+    return path
+
+
+def test_summary_values(tmp_path):
+    accs = [0.1, 0.3, 0.5, 0.6, 0.7, 0.65, 0.8]
+    s = summarize_run(_csv(tmp_path, accs, clean=0.82))
+    assert s["epochs"] == 7 and s["final_acc"] == pytest.approx(80) and s["best_epoch"] == 7
+    assert s["last5_acc"] == pytest.approx(100 * sum(accs[-5:]) / 5)
+    assert s["minutes"] == pytest.approx(7 * 36 / 60) and s["train_clean_acc"] == pytest.approx(82)
+
+
+def test_summary_takes_the_better_of_raw_and_ema_weights(tmp_path):
+    s = summarize_run(_csv(tmp_path, [0.5, 0.6], ema=[0.55, 0.58]))
+    assert s["final_acc"] == pytest.approx(60) and s["last5_acc"] == pytest.approx((55 + 60) / 2)
+    assert math.isnan(s["train_clean_acc"])
+
+
+def test_advice_fits_the_run(tmp_path):
+    under = summarize_run(_csv(tmp_path, [0.8] * 3, clean=0.81))
+    tips = " ".join(next_steps(under, Config(epochs=200)))
+    assert "stopped at epoch 3 of 200" in tips and "underfits" in tips and "randaug_prob 0.5" in tips
+    bare = Config(epochs=3, randaugment=False, mixup_alpha=0.0, drop_path=0.0)
+    tips = " ".join(next_steps(under, bare))
+    assert "randaug" not in tips and "no augmentation or regularisation left" in tips and "stopped" not in tips
+    over = summarize_run(_csv(tmp_path / "o", [0.7] * 60, clean=0.95)) if (tmp_path / "o").mkdir() is None else None
+    assert "overfits" in " ".join(next_steps(over, Config(epochs=60)))
+    assert next_steps({"epochs": 0}, Config()) == ["Nothing trained yet: run the training cell."]
