@@ -4,13 +4,14 @@
 #   bash bench/device_check.sh bench DATA_DIR OUT            # benchmark table -> OUT/bench.{json,log}
 #   bash bench/device_check.sh train DATA_DIR OUT EPOCHS [S] # the notebook's cells on CIFAR-10, logs and
 #                                                            # plots -> OUT, stopped after S seconds
+#   bash bench/device_check.sh concurrency DATA_DIR OUT [K]  # K runs at once vs one -> OUT/concurrency.*
 # Extra notebook parameters go in the OVERRIDES environment variable as a JSON object.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 what=${1:-}; data=${2:-}; out=${3:-}
 if [ -z "$what" ] || [ -z "$data" ] || [ -z "$out" ]; then
-  echo "usage: $0 bench DATA_DIR OUT | train DATA_DIR OUT EPOCHS [SECONDS]" >&2; exit 2
+  echo "usage: $0 bench DATA_DIR OUT | train DATA_DIR OUT EPOCHS [SECONDS] | concurrency DATA_DIR OUT [K]" >&2; exit 2
 fi
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1 || true
@@ -23,5 +24,9 @@ train)
     -p checkpoint_dir /dev/shm/ck -p log_dir "$out/log" -p plot_dir "$out/plots" -p show_progress False \
     -p overrides "${OVERRIDES:-{\}}" 2>&1 | tee "$out/notebook.log"
   ;;
-*) echo "usage: $0 bench DATA_DIR OUT | train DATA_DIR OUT EPOCHS [SECONDS]" >&2; exit 2 ;;
+concurrency)
+  python3 bench/concurrency.py --data-dir "$data" --k "${4:-2}" --epochs 6 --json "$out/concurrency.json" 2>&1 \
+    | tee "$out/concurrency.log"
+  ;;
+*) echo "usage: $0 bench DATA_DIR OUT | train DATA_DIR OUT EPOCHS [SECONDS] | concurrency DATA_DIR OUT [K]" >&2; exit 2 ;;
 esac
