@@ -1,4 +1,4 @@
-"""Several runs side by side: a grid of config overrides becomes runs, each in its own process.
+"""Several runs side by side: a list and/or a grid of config overrides becomes runs, each in its own process.
 
 The unit of work is ``train_run(config)``: it trains one config to completion (resuming it if it
 has files already) and returns its summary. ``run_sweep`` calls it in child processes, ``per_gpu``
@@ -7,6 +7,7 @@ the same sweep again continues every unfinished run and skips the finished ones.
 scheduler calls the same function unchanged (see the README: Ray Tune, submitit).
 
     python sweep.py --grid '{"norm": ["dyt", "ln"], "seed": [0, 1, 2]}' --per-gpu 2 --name norms
+    python sweep.py --runs '[{}, {"randaug_prob": 0.5}, {"randaug_magnitude": 5}]' --per-gpu 3 --name recipes
 """
 
 from __future__ import annotations
@@ -42,12 +43,38 @@ def run_name_for(base: str, overrides: dict) -> str:
 def grid(base: Config, axes: dict[str, list]) -> list[tuple[Config, dict]]:
     """Every combination of ``axes`` (field -> values) applied to ``base``: (config, overrides) pairs,
     each config with a run name derived from its overrides."""
+    return expand(base, [{}], axes)
+
+
+def expand(base: Config, listed: list[dict], axes: Optional[dict[str, list]] = None) -> list[tuple[Config, dict]]:
+    """Each override set of ``listed`` crossed with every combination of ``axes``: (config, overrides)
+    pairs in that order, each config named after its overrides. ``[{}]`` with axes is a plain grid;
+    a list without axes is one run per entry (``{}`` is the base config itself).
+
+    Raises ``ValueError`` for a malformed list or grid, a field in both, or two runs with one name."""
+    if not isinstance(listed, list) or not listed or not all(isinstance(o, dict) for o in listed):
+        raise ValueError(f"the runs must be a non-empty list of JSON objects (field -> value), got {listed!r}")
+    axes = axes or {}
+    if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
+        raise ValueError(f"the grid must be a JSON object of field -> non-empty list of values, got {axes!r}")
+    both = sorted({k for o in listed for k in o} & set(axes))
+    if both:
+        raise ValueError(f"{', '.join(both)} is set both in the runs and in the grid; set each field in one of them")
     names = list(axes)
     runs = []
-    for values in itertools.product(*(axes[n] for n in names)):
-        overrides = dict(zip(names, values))
-        cfg = with_overrides(base, {**overrides, "run_name": run_name_for(base.name, overrides)})
-        runs.append((cfg, overrides))
+    for fixed in listed:
+        for values in itertools.product(*(axes[n] for n in names)):
+            overrides = {**fixed, **dict(zip(names, values))}
+            cfg = with_overrides(base, {**overrides, "run_name": run_name_for(base.name, overrides)})
+            runs.append((cfg, overrides))
+    seen: dict[str, dict] = {}
+    for cfg, overrides in runs:
+        if cfg.name in seen:
+            raise ValueError(
+                f"two runs would share the name {cfg.name!r} (and its files): {seen[cfg.name]} and {overrides}; "
+                f"make their overrides differ"
+            )
+        seen[cfg.name] = overrides
     return runs
 
 
@@ -162,23 +189,21 @@ def write_results(runs: list[tuple[Config, dict]], name: str):
 
     import figures
 
+    fields = list(dict.fromkeys(k for _, overrides in runs for k in overrides))  # every swept field, in order
     rows = []
-    for cfg, overrides in runs:
-        try:
-            result = json.loads(result_path(cfg).read_text())
-        except (OSError, ValueError):
-            result = {"run_name": cfg.name, "status": "not run"}
-        rows.append({**overrides, **result})
+    for cfg, _ in runs:
+        rows.append({**{k: getattr(cfg, k) for k in fields}, **run_result(cfg)})
     table = pd.DataFrame(rows)
     log_dir, plot_dir = Path(runs[0][0].log_dir), Path(runs[0][0].plot_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(log_dir / f"{name}_runs.csv", index=False)
-    groups = group_stats(table, [k for k in runs[0][1] if k != "seed"])
+    groups = group_stats(table, [k for k in fields if k != "seed"])
     groups.to_csv(log_dir / f"{name}_groups.csv", index=False)
     curves: dict[str, list[Path]] = {}
     for (cfg, overrides), row in zip(runs, rows):
         csv_path = Path(cfg.log_dir) / f"{cfg.name}.csv"
         if csv_path.exists() and row.get("epochs"):
-            label = ", ".join(f"{k}={v}" for k, v in overrides.items() if k != "seed") or "all"
+            label = ", ".join(f"{k}={v}" for k, v in overrides.items() if k != "seed") or "base config"
             curves.setdefault(label, []).append(csv_path)
     if curves:
         figures.plot_groups(
@@ -186,6 +211,20 @@ def write_results(runs: list[tuple[Config, dict]], name: str):
         )
     table.attrs.update(groups=groups, plot=plot_dir / f"{name}.png", name=name)
     return table
+
+
+def run_result(cfg: Config) -> dict:
+    """What ``train_run`` returned for ``cfg``; for a run without one, ``"unfinished"`` with the
+    summary of its CSV so far (a sweep stopped part-way), or ``"not run"``."""
+    try:
+        return json.loads(result_path(cfg).read_text())
+    except (OSError, ValueError):
+        pass
+    csv_path = Path(cfg.log_dir) / f"{cfg.name}.csv"
+    summary = report.summarize_run(csv_path) if csv_path.exists() else {}
+    if summary.get("epochs"):
+        return {"run_name": cfg.name, "status": "unfinished", **summary, "planned_epochs": cfg.epochs}
+    return {"run_name": cfg.name, "status": "not run"}
 
 
 def group_stats(table, by: list[str]):
@@ -197,7 +236,7 @@ def group_stats(table, by: list[str]):
     scores = [c for c in ("last5_acc", "final_acc", "best_acc", "minutes") if c in done]
     if done.empty or not scores:
         return pd.DataFrame(columns=by + ["runs"])
-    grouped = done.groupby(by) if by else done.assign(group="all").groupby("group")
+    grouped = done.groupby(by, dropna=False) if by else done.assign(group="all").groupby("group")
     stats = grouped[scores].agg(["mean", "std"])
     stats.columns = [f"{score}_{stat}" for score, stat in stats.columns]
     stats["runs"] = grouped.size()
@@ -216,6 +255,12 @@ def show(table) -> None:
     print(table.attrs["groups"].to_string(index=False, float_format="{:.2f}".format))
     for _, row in table[table["status"].isin(["failed", "diverged"])].iterrows():
         print(f"\n{row['run_name']} {row['status']}: {row.get('error', '')}")
+    unfinished = table[table["status"].isin(["unfinished", "not run"])]
+    if len(unfinished):
+        print(
+            f"\n{len(unfinished)} run(s) not finished (not in the group statistics); running the sweep again "
+            f"continues them: {', '.join(unfinished['run_name'])}"
+        )
     if Path(table.attrs["plot"]).exists():
         utils.show(table.attrs["plot"])
 
@@ -225,21 +270,31 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--grid", help='JSON object: field -> list of values, e.g. \'{"norm": ["dyt", "ln"], "seed": [0, 1]}\''
     )
+    ap.add_argument(
+        "--runs",
+        help='JSON list of override objects, one run each (crossed with --grid), e.g. \'[{}, {"pool": "gap"}]\'',
+    )
     ap.add_argument("--overrides", default="{}", help="JSON object of Config fields shared by every run")
     ap.add_argument("--per-gpu", type=int, default=1, help="runs at a time on each GPU (or on the CPU)")
     ap.add_argument("--name", default="sweep", help="names the table, group statistics and plot")
+    ap.add_argument(
+        "--table-only", action="store_true", help="write and show the table of the runs so far; train nothing"
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one config as JSON
     args = ap.parse_args(argv)
     if args.one:
         result = train_run(json.loads(args.one))
         print(json.dumps(result))
         sys.exit(0 if result["status"] == "finished" else 1)
-    if not args.grid:
-        ap.error("--grid is required")
-    axes = json.loads(args.grid)
-    if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
-        ap.error("--grid must be a JSON object of field -> non-empty list")
-    table = run_sweep(grid(with_overrides(Config(), args.overrides), axes), args.per_gpu, args.name)
+    if not args.grid and not args.runs:
+        ap.error("give --grid, --runs or both")
+    try:
+        listed = json.loads(args.runs) if args.runs else [{}]
+        axes = json.loads(args.grid) if args.grid else {}
+        runs = expand(with_overrides(Config(), args.overrides), listed, axes)
+    except ValueError as e:  # bad JSON, an unknown field, a bad value, clashing names
+        ap.error(str(e))
+    table = write_results(runs, args.name) if args.table_only else run_sweep(runs, args.per_gpu, args.name)
     show(table)
 
 

@@ -94,3 +94,67 @@ def test_killed_sweep_resumes_every_run_once(tmp_path):
             table = rows(tmp_path / "log" / f"dyt_cifar10_norm-{norm}_seed-{seed}.csv")
             assert [r["epoch"] for r in table] == ["1", "2", "3", "4"]  # every epoch once, none twice
     assert "killed: 4 runs" in done.stdout and "per group" in done.stdout
+
+
+def test_listed_runs_cross_the_grid_and_clashes_are_refused():
+    runs = sweep.expand(Config(run_name="r"), [{}, {"pool": "gap", "lr": 0.002}], {"seed": [0, 1]})
+    assert [c.name for c, _ in runs] == [
+        "r_seed-0",
+        "r_seed-1",
+        "r_pool-gap_lr-0.002_seed-0",
+        "r_pool-gap_lr-0.002_seed-1",
+    ]
+    assert [(c.pool, c.lr, c.seed) for c, _ in runs] == [
+        ("cls", Config().lr, 0), ("cls", Config().lr, 1), ("gap", 0.002, 0), ("gap", 0.002, 1)
+    ]  # fmt: skip
+    assert [c.name for c, _ in sweep.expand(Config(run_name="r"), [{}, {"norm": "ln"}])] == ["r", "r_norm-ln"]
+    with pytest.raises(ValueError, match="share the name 'r'"):
+        sweep.expand(Config(run_name="r"), [{}, {}])
+    with pytest.raises(ValueError, match="seed is set both"):
+        sweep.expand(Config(), [{"seed": 1}], {"seed": [0]})
+    with pytest.raises(ValueError, match="did you mean 'seed'"):
+        sweep.expand(Config(), [{"sed": 1}])
+    for bad in ([], {"pool": "gap"}, [1]):
+        with pytest.raises(ValueError, match="non-empty list of JSON objects"):
+            sweep.expand(Config(), bad)
+    with pytest.raises(ValueError, match="non-empty list of values"):
+        sweep.expand(Config(), [{}], {"seed": []})
+
+
+def test_listed_runs_table_fills_fields_from_the_config_and_reports_unfinished_runs(tmp_path):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
+    runs = sweep.expand(_base(tmp_path, data, epochs=2), [{}, {"pool": "gap"}, {"pool": "gap", "ema_decay": 0.9}])
+    table = sweep.run_sweep(runs, per_gpu=3, name="recipes", quiet=True)
+    assert list(table["status"]) == ["finished"] * 3
+    assert list(table["pool"]) == ["cls", "gap", "gap"]  # the base config's value where a run left it alone
+    assert list(table["ema_decay"]) == [Config().ema_decay, Config().ema_decay, 0.9]
+    assert len(table.attrs["groups"]) == 3 and list(table.attrs["groups"]["runs"]) == [1, 1, 1]
+    # A run killed between its last CSV row and its result file: reported from its CSV, kept out of the groups.
+    sweep.result_path(runs[1][0]).unlink()
+    again = sweep.write_results(runs, "recipes")
+    row = again[again["run_name"] == runs[1][0].name].iloc[0]
+    assert row["status"] == "unfinished" and row["epochs"] == 2
+    accs = [100 * float(r["test_acc"]) for r in rows(tmp_path / "log" / f"{runs[1][0].name}.csv")]
+    assert row["final_acc"] == pytest.approx(accs[-1])
+    assert list(again.attrs["groups"]["runs"]) == [1, 1]
+    written = (tmp_path / "log" / "recipes_runs.csv").read_text()
+    assert "unfinished" in written and written.count("finished") == 3
+
+
+def test_command_line_table_only_and_bad_input(tmp_path):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
+    overrides = json.dumps(_base(tmp_path, data, epochs=1).to_dict())
+    base = [sys.executable, str(ROOT / "sweep.py"), "--overrides", overrides, "--name", "cli"]
+    listed = ["--runs", '[{}, {"norm": "ln"}]']
+    shown = subprocess.run(base + listed + ["--table-only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "2 run(s) not finished" in shown.stdout and not (tmp_path / "ck").exists()  # nothing trained
+    assert (tmp_path / "log" / "cli_runs.csv").read_text().count("not run") == 2
+    for args, message in (
+        (["--runs", "[{}, {}]"], "share the name"),
+        (["--runs", "{not json"], "Expecting property name"),
+        (["--runs", '[{"nrom": "ln"}]'], "did you mean 'norm'"),
+        ([], "give --grid, --runs or both"),
+    ):
+        bad = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
