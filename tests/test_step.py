@@ -89,6 +89,7 @@ def test_compile_time_is_kept_apart_from_epoch_time(cifar, tmp_path, monkeypatch
     t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
     t._use_compile_mode("default")  # as if compiling; the model itself runs eagerly below
     t.compiled_model = t.forward_model = t.model
+    t.step_forward = training.StepForward(t.model, "cpu", None)
     real = t._step
 
     def slow_first_steps(x, targets):
@@ -127,3 +128,34 @@ def test_a_really_compiled_run_counts_its_compile_time_once(cifar, tmp_path):
     assert float(first["compile_seconds"]) > 0 and float(second["compile_seconds"]) == 0.0
     assert float(first["compile_seconds"]) == pytest.approx(t.compile_seconds)
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_step_forward_equals_model_loss_and_metric_apart(amp):
+    torch.manual_seed(0)
+    model = training.build_model(training.Config(dim=32, depth=1, heads=2, drop_path=0.0))
+    x = torch.randn(8, 3, 32, 32)
+    targets = torch.softmax(torch.randn(8, 10), -1)
+    loss, correct = training.StepForward(model, "cpu", amp)(x, targets)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        logits = model(x)
+    apart = training.soft_cross_entropy(logits, targets)
+    apart.backward()
+    assert torch.equal(loss, apart) and loss.dtype == torch.float32
+    assert correct.item() == (logits.argmax(-1) == targets.argmax(-1)).sum().item()
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+def test_compiled_step_forward_matches_eager():
+    # Inductor on the CPU: the loss and the metric inside the compiled region give the eager values.
+    torch.manual_seed(0)
+    model = training.build_model(training.Config(dim=32, depth=1, heads=2, drop_path=0.0)).eval()
+    x = torch.randn(8, 3, 32, 32)
+    targets = torch.softmax(4 * torch.randn(8, 10), -1)
+    eager = training.StepForward(model, "cpu", None)
+    compiled = torch.compile(eager, dynamic=False)
+    (loss, correct), (ref_loss, ref_correct) = compiled(x, targets), eager(x, targets)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5) and correct.item() == ref_correct.item()
