@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -196,14 +197,30 @@ def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2) 
     return result
 
 
-def bench_train(device: torch.device, batch_size: int, epochs: int, out_dir: Path, tiny: bool = False) -> dict:
-    """The design's configuration (or a tiny one for a CPU dry run) in each compile mode, same run."""
-    modes = {"graphs": dict(compile=True, cuda_graphs=True), "compile": dict(compile=True, cuda_graphs=False)}
-    if device.type != "cuda":
-        modes = {"eager": dict(compile=False)}
+MODES = {
+    "graphs": dict(compile=True, cuda_graphs=True),  # CUDA only
+    "compile": dict(compile=True, cuda_graphs=False),
+    "eager": dict(compile=False),
+}
+
+
+def bench_train(
+    device: torch.device,
+    batch_size: int,
+    epochs: int,
+    out_dir: Path,
+    tiny: bool = False,
+    modes: Optional[list[str]] = None,
+    on_result: Optional[Callable[[str, dict], None]] = None,
+) -> dict:
+    """The design's configuration (or a tiny one for a CPU dry run) in each compile mode, same run;
+    ``on_result(mode, figures)`` is called as each mode finishes (a cut-off run keeps what it measured)."""
+    modes = modes or (["graphs", "compile"] if device.type == "cuda" else ["eager"])
+    if device.type != "cuda" and "graphs" in modes:
+        raise SystemExit("the graphs mode needs a CUDA device")
     size = dict(dim=32, depth=2, heads=2) if tiny else {}
     results = {}
-    for name, mode in modes.items():
+    for name in modes:
         cfg = Config(
             batch_size=batch_size,
             epochs=epochs,
@@ -213,9 +230,11 @@ def bench_train(device: torch.device, batch_size: int, epochs: int, out_dir: Pat
             log_dir=str(out_dir / "log"),
             plot_dir=str(out_dir / "plots"),
             **size,
-            **mode,
+            **MODES[name],
         )
         results[name] = bench_epochs(device, cfg, epochs)
+        if on_result is not None:
+            on_result(name, results[name])
         torch.cuda.empty_cache() if device.type == "cuda" else None
     model = "tiny model (dim 32, depth 2)" if tiny else "design's model (dim 384, depth 6, heads 6, DyT)"
     print(f"\n{model}, batch {batch_size}, {epochs} epochs per mode, seconds per 50k-image epoch (median [p25-p75]):")
@@ -246,6 +265,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tiny", action="store_true", help="a tiny model: checks the script, not the targets")
     ap.add_argument("--aug-batches", type=int, default=20, help="batches of 256 for our RandAugment")
     ap.add_argument("--tv-images", type=int, default=2000, help="images for torchvision's per-image RandAugment")
+    ap.add_argument(
+        "--modes", help=f"comma-separated, of {', '.join(MODES)} (default: graphs,compile on CUDA, eager elsewhere)"
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
@@ -254,17 +276,30 @@ def main(argv=None) -> None:
         if args.device == "auto" and torch.cuda.is_available()
         else ("cpu" if args.device == "auto" else args.device)
     )
+    modes = args.modes.split(",") if args.modes else None
+    if modes and not set(modes) <= set(MODES):
+        ap.error(f"--modes: unknown {', '.join(sorted(set(modes) - set(MODES)))}; choose from {', '.join(MODES)}")
     report = {"conditions": header(device)}
+
+    def save() -> None:  # after every part, so a run cut off by a time limit keeps what it measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+
     if args.what in ("aug", "all"):
         report["aug"] = bench_aug(device, args.aug_batches, args.tv_images)
         if device.type == "cuda":
             report["aug_cpu"] = bench_aug(torch.device("cpu"), max(1, args.aug_batches // 10), args.tv_images)
+        save()
     if args.what in ("train", "all"):
+        report["train"] = {}
+
+        def keep(mode: str, figures: dict) -> None:
+            report["train"][mode] = figures
+            save()
+
         with tempfile.TemporaryDirectory() as tmp:
-            report["train"] = bench_train(device, args.batch_size, args.epochs, Path(tmp), tiny=args.tiny)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+            bench_train(device, args.batch_size, args.epochs, Path(tmp), tiny=args.tiny, modes=modes, on_result=keep)
 
 
 if __name__ == "__main__":

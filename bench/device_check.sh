@@ -1,32 +1,63 @@
 #!/usr/bin/env bash
 # The GPU figures of the README, from a fresh clone on a machine with a GPU, given a CIFAR-10 folder
 # (one that holds cifar-10-batches-py/, or where it may be downloaded):
-#   bash bench/device_check.sh bench DATA_DIR OUT            # benchmark table -> OUT/bench.{json,log}
-#   bash bench/device_check.sh train DATA_DIR OUT EPOCHS [S] # the notebook's cells on CIFAR-10, logs and
-#                                                            # plots -> OUT, stopped after S seconds
-#   bash bench/device_check.sh concurrency DATA_DIR OUT [K]  # K runs at once vs one -> OUT/concurrency.*
-# Extra notebook parameters go in the OVERRIDES environment variable as a JSON object.
+#   bash bench/device_check.sh bench DATA_DIR OUT [MODES]          # benchmark -> OUT/bench.{json,log}
+#   bash bench/device_check.sh train DATA_DIR OUT EPOCHS [S]        # the notebook's cells, stopped after S s
+#   bash bench/device_check.sh concurrency DATA_DIR OUT [K]         # K runs at once vs one
+#   bash bench/device_check.sh sweep DATA_DIR OUT RUNS [K] [S] [GRID]  # sweep.py --runs RUNS [--grid GRID],
+#                                                                   # K at a time, stopped after S s
+# OVERRIDES (environment, a JSON object): config fields for every run (train, sweep, concurrency);
+# NAME: the sweep's name (default "sweep"). MODES: e.g. graphs or graphs,compile (default both).
+# OUT receives at most 8 files (the device tool brings back no more): the logs, the tables, gpu.txt
+# and one .tgz of the run folders (CSV, text log, config, plots; no checkpoints).
+# A stopped sweep still writes its table: unfinished runs are summarised from their CSV so far.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+usage="usage: $0 bench DATA_DIR OUT [MODES] | train DATA_DIR OUT EPOCHS [S] | concurrency DATA_DIR OUT [K] | sweep DATA_DIR OUT RUNS [K] [S] [GRID]"
 what=${1:-}; data=${2:-}; out=${3:-}
-if [ -z "$what" ] || [ -z "$data" ] || [ -z "$out" ]; then
-  echo "usage: $0 bench DATA_DIR OUT | train DATA_DIR OUT EPOCHS [SECONDS] | concurrency DATA_DIR OUT [K]" >&2; exit 2
-fi
+if [ -z "$what" ] || [ -z "$data" ] || [ -z "$out" ]; then echo "$usage" >&2; exit 2; fi
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1 || true
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >> "$out/gpu.txt" 2>&1
+date -u +%Y-%m-%dT%H:%M:%SZ >> "$out/gpu.txt"
+work=$(mktemp -d)
+
+# The config overrides for runs writing under $work: OVERRIDES plus the data and output folders.
+overrides() {
+  python3 - "$data" "$work" <<'EOF'
+import json, os, sys
+o = json.loads(os.environ.get("OVERRIDES") or "{}")
+o.setdefault("run_name", os.environ.get("NAME") or "sweep")  # the runs are named <NAME>_<overrides>
+o.update(data_dir=sys.argv[1], download=False, checkpoint_dir="/tmp/device_check_ck",
+         log_dir=f"{sys.argv[2]}/log", plot_dir=f"{sys.argv[2]}/plots")
+print(json.dumps(o))
+EOF
+}
+
 case "$what" in
 bench)
-  python3 bench/benchmark.py all --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
+  python3 bench/benchmark.py all --json "$out/bench.json" ${4:+--modes "$4"} 2>&1 | tee "$out/bench.log"
   ;;
 train)
-  timeout "${5:-540}" python3 bench/run_notebook.py dyt_cifar10.ipynb -p epochs "${4:?EPOCHS}" -p data_dir "$data" \
-    -p checkpoint_dir /dev/shm/ck -p log_dir "$out/log" -p plot_dir "$out/plots" -p show_progress False \
-    -p overrides "${OVERRIDES:-{\}}" 2>&1 | tee "$out/notebook.log"
+  timeout -s INT -k 60 "${5:-540}" python3 bench/run_notebook.py dyt_cifar10.ipynb -p epochs "${4:?EPOCHS}" \
+    -p data_dir "$data" -p checkpoint_dir /tmp/device_check_ck -p log_dir "$work/log" -p plot_dir "$work/plots" \
+    -p show_progress False -p overrides "${OVERRIDES:-{\}}" 2>&1 | tee "$out/notebook.log"
+  tar czf "$out/train.tgz" -C "$work" .
   ;;
 concurrency)
-  python3 bench/concurrency.py --data-dir "$data" --k "${4:-2}" --epochs 6 --json "$out/concurrency.json" 2>&1 \
-    | tee "$out/concurrency.log"
+  python3 bench/concurrency.py --data-dir "$data" --k "${4:-2}" --epochs 6 --overrides "${OVERRIDES:-{\}}" \
+    --json "$out/concurrency.json" 2>&1 | tee "$out/concurrency.log"
   ;;
-*) echo "usage: $0 bench DATA_DIR OUT | train DATA_DIR OUT EPOCHS [SECONDS] | concurrency DATA_DIR OUT [K]" >&2; exit 2 ;;
+sweep)
+  name=${NAME:-sweep}
+  args=(--runs "${4:?RUNS}" --overrides "$(overrides)" --per-gpu "${5:-2}" --name "$name")
+  if [ -n "${7:-}" ]; then args+=(--grid "$7"); fi
+  timeout -s INT -k 60 "${6:-500}" python3 sweep.py "${args[@]}" 2>&1 | tee "$out/sweep.log"
+  python3 sweep.py "${args[@]}" --table-only 2>&1 | tee "$out/table.txt"
+  cp "$work/log/${name}_runs.csv" "$work/log/${name}_groups.csv" "$out/" 2>/dev/null
+  tar czf "$out/sweep.tgz" -C "$work" .
+  ;;
+*) echo "$usage" >&2; exit 2 ;;
 esac
+ls -la "$out"
