@@ -173,10 +173,14 @@ def run_sweep(runs: list[tuple[Config, dict]], per_gpu: int = 1, name: str = "sw
     except BaseException:  # an interrupt stops the children too; their runs resume next time
         for proc, _ in running.values():
             proc.send_signal(signal.SIGINT)
-        for proc, _ in running.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+        try:
+            for proc, _ in running.values():
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        except KeyboardInterrupt:  # interrupted again while waiting: stop the children now
+            for proc, _ in running.values():
                 proc.kill()
         raise
     return write_results(runs, name)
@@ -251,8 +255,9 @@ def show(table) -> None:
         c for c in ("run_name", "status", "epochs", "final_acc", "best_acc", "last5_acc", "minutes") if c in table
     ]
     print(table[columns].to_string(index=False, float_format="{:.2f}".format))
+    groups = table.attrs["groups"]
     print("\nper group (mean and std over seeds):")
-    print(table.attrs["groups"].to_string(index=False, float_format="{:.2f}".format))
+    print(groups.to_string(index=False, float_format="{:.2f}".format) if len(groups) else "(no finished run yet)")
     for _, row in table[table["status"].isin(["failed", "diverged"])].iterrows():
         print(f"\n{row['run_name']} {row['status']}: {row.get('error', '')}")
     unfinished = table[table["status"].isin(["unfinished", "not run"])]
