@@ -7,7 +7,8 @@
 #   bash bench/device_check.sh sweep DATA_DIR OUT RUNS [K] [S] [GRID]  # sweep.py --runs RUNS [--grid GRID],
 #                                                                   # K at a time, stopped after S s
 # OVERRIDES (environment, a JSON object): config fields for every run (train, sweep, concurrency);
-# NAME: the sweep's name (default "sweep"). MODES: e.g. graphs or graphs,compile (default both).
+# NAME: the sweep's name (default "sweep"), also the base of its run names. MODES (bench): e.g. graphs,
+# or graphs,compile (the default on CUDA).
 # OUT receives at most 8 files (the device tool brings back no more): the logs, the tables, gpu.txt
 # and one .tgz of the run folders (CSV, text log, config, plots; no checkpoints).
 # A stopped sweep still writes its table: unfinished runs are summarised from their CSV so far.
