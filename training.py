@@ -625,7 +625,25 @@ class Trainer:
         return logits, labels, F.cross_entropy(logits, labels, reduction="sum")
 
     def evaluate(self) -> dict:
-        """Test loss and accuracy (and of the EMA weights), and accuracy on unaugmented training images."""
+        """Test loss and accuracy (and of the EMA weights), and accuracy on unaugmented training images.
+
+        If the first evaluation with compiled models fails (an Inductor or CUDA-graph failure in the
+        eval graph), evaluation goes on with the models run eagerly, said once; training keeps its
+        compiled step."""
+        compiled = self.forward_model is not self.model or self.compiled_ema is not None
+        if not compiled or self._eval_compiled:
+            return self._evaluate()
+        try:
+            return self._evaluate()
+        except Exception as e:  # the first compiled evaluation: a compile failure must not stop the run
+            self._say(
+                f"note: the compiled evaluation failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); evaluating with the models run eagerly"
+            )
+            self.forward_model, self.compiled_ema = self.model, None
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         scored = {}
         models = [("", self.forward_model)]
         if self.ema is not None:

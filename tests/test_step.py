@@ -159,3 +159,39 @@ def test_compiled_step_forward_matches_eager():
     compiled = torch.compile(eager, dynamic=False)
     (loss, correct), (ref_loss, ref_correct) = compiled(x, targets), eager(x, targets)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5) and correct.item() == ref_correct.item()
+
+
+def test_a_failing_compiled_evaluation_goes_on_eagerly_and_training_stays_compiled(cifar, tmp_path, capsys):
+    eager = Trainer(tiny(tmp_path / "eager", epochs=2, ema_decay=0.9), cifar, **QUIET)
+    train_all(eager)
+
+    class BrokenEval(torch.nn.Module):  # a compiled eval graph that fails at its first call
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("cudagraph capture failed\ntraceback")
+
+    t = Trainer(tiny(tmp_path / "compiled", epochs=2, ema_decay=0.9), cifar, **QUIET)
+    t._use_compile_mode("default")  # as if compiling: the step runs eagerly, evaluation hits the broken graph
+    t.step_forward = training.StepForward(t.model, "cpu", None)
+    t.forward_model, t.compiled_ema = BrokenEval(), BrokenEval()
+    train_all(t)
+    out = capsys.readouterr().out
+    assert out.count("note: the compiled evaluation failed (RuntimeError: cudagraph capture failed)") == 1
+    assert t.compile_mode == "default" and t.forward_model is t.model and t.compiled_ema is None
+    assert without_time(rows(eager.paths["csv"])) == without_time(rows(t.paths["csv"]))
+
+
+def test_an_evaluation_error_after_the_first_is_raised(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    t._use_compile_mode("default")  # as if compiling; everything runs eagerly, the first evaluation works
+    t.compiled_model = t.forward_model = t.model
+    t.step_forward = training.StepForward(t.model, "cpu", None)
+    t.resume()
+    t.run_epoch(1)
+
+    class Broken(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("out of memory")
+
+    t.forward_model = Broken()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        t.run_epoch(2)
