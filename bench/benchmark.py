@@ -140,9 +140,11 @@ def model_only(trainer: Trainer, steps: int, repeats: int = 5) -> dict:
     return spread(times)
 
 
-def gpu_busy_fraction(trainer: Trainer, steps: int = 30) -> float:
+def gpu_busy(trainer: Trainer, steps: int = 30) -> dict:
     """Share of the wall time of ``steps`` full steps (index, augment, mixup, train step) in which a
-    GPU kernel runs, from the profiler (its own host overhead makes this a lower bound)."""
+    GPU kernel runs, from the profiler (its own host overhead makes this a lower bound), and the GPU
+    kernels it saw per step: replays of CUDA graphs should still show their kernels; a count near
+    zero under graphs means the profiler did not trace inside them, and the fraction is not valid."""
     from torch.profiler import ProfilerActivity, profile
 
     batches = iter(trainer.train_loader)
@@ -154,8 +156,26 @@ def gpu_busy_fraction(trainer: Trainer, steps: int = 30) -> float:
             trainer.train_step(*trainer.mixup(x, y))
         sync(trainer.device)
         wall = time.perf_counter() - start
-    kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
-    return kernel_us / 1e6 / wall
+    return {"fraction": busy_seconds(prof.events()) / wall, "kernels_per_step": len(gpu_events(prof.events())) / steps}
+
+
+def gpu_events(events) -> list:
+    """The device-side events (kernels, copies) of a profile; not the host ops that launched them,
+    whose ``self_device_time_total`` repeats their kernels' time."""
+    from torch.autograd import DeviceType
+
+    return [e for e in events if e.device_type == DeviceType.CUDA]
+
+
+def busy_seconds(events) -> float:
+    """Seconds in which at least one device event runs (the union of their intervals, so kernels
+    overlapping on several streams count once)."""
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted((e.time_range.start, e.time_range.end) for e in gpu_events(events)):
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy / 1e6  # the profiler's times are in microseconds
 
 
 def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2) -> dict:
@@ -193,7 +213,8 @@ def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2) 
     }
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        result["gpu_busy_fraction"] = gpu_busy_fraction(trainer)
+        busy = gpu_busy(trainer)
+        result["gpu_busy_fraction"], result["gpu_kernels_per_step"] = busy["fraction"], busy["kernels_per_step"]
     return result
 
 
@@ -239,7 +260,7 @@ def bench_train(
     model = "tiny model (dim 32, depth 2)" if tiny else "design's model (dim 384, depth 6, heads 6, DyT)"
     print(f"\n{model}, batch {batch_size}, {epochs} epochs per mode, seconds per 50k-image epoch (median [p25-p75]):")
     cols = ["mode", "compile", "whole epoch", "train", "eval", "checkpoint", "model-only", "train/model", "whole/model",
-            "200 epochs", "busy", "peak GiB"]  # fmt: skip
+            "200 epochs", "busy", "kernels/step", "peak GiB"]  # fmt: skip
     print("| " + " | ".join(cols) + " |")
     print("|---" * len(cols) + "|")
 
@@ -252,7 +273,8 @@ def bench_train(
             f"{s(r['train_s'])} | "
             f"{s(r['eval_s'])} | {s(r['checkpoint_s'])} | {s(r['model_only_epoch_s'])} | "
             f"{r['train_over_model_only']:.2f} | {r['whole_over_model_only']:.2f} | {r['200_epochs_min']:.1f} min | "
-            f"{r.get('gpu_busy_fraction', float('nan')):.0%} | {r.get('peak_memory_gib', float('nan')):.2f} |"
+            f"{r.get('gpu_busy_fraction', float('nan')):.0%} | {r.get('gpu_kernels_per_step', float('nan')):.0f} | "
+            f"{r.get('peak_memory_gib', float('nan')):.2f} |"
         )
     return results
 
