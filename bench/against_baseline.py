@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from benchmark import spread  # this folder is on the path of a script run from it
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -69,11 +69,6 @@ def run_side(checkout: Path, config: dict, epochs: int, out: Path) -> list[float
     if done.returncode:
         raise SystemExit(f"{checkout}: the run failed:\n{done.stdout}\n{done.stderr}")
     return [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("EPOCH ")][1:]
-
-
-def spread(values: list[float]) -> dict:
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "p25": q[0], "p75": q[2], "n": len(values)}
 
 
 def main(argv=None) -> None:
