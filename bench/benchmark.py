@@ -129,7 +129,8 @@ def model_only(trainer: Trainer, steps: int, repeats: int = 5) -> dict:
     x, y = next(iter(trainer.train_loader))
     x, targets = trainer.mixup.mix(x, y, 1.0)
     x, targets = x.clone(), targets.clone()
-    for _ in range(steps):  # untimed: on the H100 the first pass after the epochs took 11.7 s, not 1.1 s (re-recording)
+    # Untimed: on the H100 the first pass after the epochs took 11.7 s, not 1.1 s (cause not established).
+    for _ in range(steps):
         trainer.train_step(x, targets)
     times = []
     for _ in range(repeats):
