@@ -89,8 +89,10 @@ def device(v) -> Optional[str]:
     return None
 
 
-def _field(default, rule):
-    return field(default=default, metadata={"rule": rule})
+def _field(default, rule, resumable: bool = False):
+    """A config field with its rule; ``resumable``: it may change between a checkpoint and the config
+    resuming it (where files live, how fast it runs, how long the run is). Any other change is another run."""
+    return field(default=default, metadata={"rule": rule, "resumable": resumable})
 
 
 @dataclass
@@ -99,16 +101,18 @@ class Config:
     source of each value). The design's model is dim 384, depth 6, heads 6, patch 4."""
 
     # --- run ---
-    epochs: int = _field(200, integer(1))  # total epochs; raise it and re-run to train an existing run longer
+    epochs: int = _field(
+        200, integer(1), resumable=True
+    )  # total epochs; raise it and re-run to train an existing run longer
     seed: int = _field(0, integer(0, MAX_SEED))  # model init, batch order, augmentation and mixup draws
     run_name: str = _field("", run_name)  # names checkpoints/logs/plots; "" -> f"{norm}_cifar10"
     # --- data ---
-    data_dir: str = _field("./data", path)  # holds cifar-10-batches-py/ (downloaded there when missing)
-    download: bool = _field(True, boolean)  # download CIFAR-10 with torchvision when data_dir lacks it
+    data_dir: str = _field("./data", path, resumable=True)  # holds cifar-10-batches-py/ (downloaded there when missing)
+    download: bool = _field(True, boolean, resumable=True)  # download CIFAR-10 with torchvision when data_dir lacks it
     train_subset: int = _field(0, integer(0))  # only the first N training images (0: all 50,000)
     test_subset: int = _field(0, integer(0))  # only the first N test images (0: all 10,000)
     batch_size: int = _field(256, integer(1))  # training images per step
-    eval_batch_size: int = _field(1000, integer(1))  # test images per forward pass
+    eval_batch_size: int = _field(1000, integer(1), resumable=True)  # test images per forward pass
     clean_train_images: int = _field(10_000, integer(0))  # train images scored unaugmented each epoch (0: off)
     # --- augmentation ---
     crop_padding: int = _field(4, integer(0, IMAGE_SIDE // 2))  # random crop of the zero-padded image (0: off)
@@ -144,16 +148,20 @@ class Config:
     warmup_epochs: float = _field(10.0, number(lambda v: v >= 0, ">= 0"))  # linear warmup (capped: training.py)
     ema_decay: float = _field(0.0, number(lambda v: 0 <= v < 1, "in [0, 1) (0: off)"))  # EMA of weights per step
     grad_clip: float = _field(1.0, number(lambda v: v >= 0, ">= 0 (0: off)"))  # max global gradient norm
-    amp: str = _field("auto", one_of("auto", "bf16", "fp16", "off"))  # autocast dtype; "auto": see training.py
-    compile: Optional[bool] = _field(None, optional_boolean)  # torch.compile; None: on for CUDA, off elsewhere
+    amp: str = _field(
+        "auto", one_of("auto", "bf16", "fp16", "off"), resumable=True
+    )  # autocast dtype; "auto": see training.py
+    compile: Optional[bool] = _field(
+        None, optional_boolean, resumable=True
+    )  # torch.compile; None: on for CUDA, off elsewhere
     cuda_graphs: Optional[bool] = _field(
-        None, optional_boolean
+        None, optional_boolean, resumable=True
     )  # compiled steps as CUDA graphs; None: when compiling on CUDA
-    device: str = _field("auto", device)  # "auto" (cuda > mps > cpu), or "cuda:1", "cpu", ...
+    device: str = _field("auto", device, resumable=True)  # "auto" (cuda > mps > cpu), or "cuda:1", "cpu", ...
     # --- outputs ---
-    checkpoint_dir: str = _field("checkpoint", path)  # <run>_latest.pth (every epoch), <run>_best.pth
-    log_dir: str = _field("log", path)  # <run>.csv, <run>.log, <run>_config.json
-    plot_dir: str = _field("plots", path)  # <run>_training.png and the notebook's figures
+    checkpoint_dir: str = _field("checkpoint", path, resumable=True)  # <run>_latest.pth (every epoch), <run>_best.pth
+    log_dir: str = _field("log", path, resumable=True)  # <run>.csv, <run>.log, <run>_config.json
+    plot_dir: str = _field("plots", path, resumable=True)  # <run>_training.png and the notebook's figures
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -228,23 +236,8 @@ def norm_layer(cfg: Config) -> Callable[[int], nn.Module]:
     return nn.LayerNorm
 
 
-# Fields that may differ between a checkpoint and the current config: where things live, how fast
-# they run, and how long the run is (epochs: see training.lr_at). Anything else is another run.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "epochs",
-        "data_dir",
-        "download",
-        "checkpoint_dir",
-        "log_dir",
-        "plot_dir",
-        "eval_batch_size",
-        "amp",
-        "compile",
-        "cuda_graphs",
-        "device",
-    }
-)
+# Fields that may differ between a checkpoint and the current config (``_field(..., resumable=True)``).
+RESUMABLE_CHANGES = frozenset(f.name for f in dataclasses.fields(Config) if f.metadata["resumable"])
 
 
 def config_differences(saved: dict, current: Config) -> dict[str, tuple]:
@@ -267,12 +260,28 @@ OUTPUT_FOLDERS = {"checkpoint_dir": "checkpoint", "log_dir": "log", "plot_dir": 
 
 
 def config_from_parameters(parameters: dict, overrides: dict | str | None = None, output_root=".") -> Config:
-    """The notebook's config: every parameter named like a ``Config`` field, then ``overrides``
-    (any field; they win). An empty output folder becomes ``output_root/<checkpoint|log|plots>``."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    values = {k: v for k, v in parameters.items() if k in names}
+    """The notebook's config: ``parameters`` (Config fields by name, as the notebook's parameters cell
+    sets them), then ``overrides`` (any field; they win). An empty output folder becomes
+    ``output_root/<checkpoint|log|plots>``."""
+    check_field_names(parameters)
+    values = dict(parameters)
     values.update(parse_overrides(overrides))
     for key, folder in OUTPUT_FOLDERS.items():
         if not values.get(key):
             values[key] = str(Path(output_root) / folder)
     return Config.from_dict({**Config().to_dict(), **values})
+
+
+def parse_seeds(seeds: list | str | None) -> list[int]:
+    """A list of seeds, or the same as a JSON string (papermill ``-p compare_seeds '[0, 1, 2]'``)."""
+    if seeds is None or seeds == "":
+        return []
+    if isinstance(seeds, str):
+        try:
+            seeds = json.loads(seeds)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"compare_seeds is not a JSON list ({e}): {seeds!r}; write it like [0, 1, 2]") from e
+    rule = integer(0, MAX_SEED)
+    if not isinstance(seeds, (list, tuple)) or any(rule(s) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"compare_seeds must be a list of distinct seeds (integers 0..{MAX_SEED}), got {seeds!r}")
+    return list(seeds)

@@ -382,7 +382,7 @@ class Mixup:
 class DeviceLoader:
     """Batches of a device-resident dataset by index.
 
-    Training (``shuffle=True``): a new permutation every epoch from ``generator``, full batches
+    Training (``train=True``): a new permutation every epoch from ``generator``, full batches
     only (the remainder of the permutation is dropped, so every batch has the same shape and
     ``torch.compile`` sees one). Evaluation: the data in order, the last batch smaller.
 
@@ -390,35 +390,36 @@ class DeviceLoader:
         x: uint8 images (N, C, H, W) on the device.
         y: int64 labels (N,).
         batch_size: images per batch.
-        shuffle: draw a permutation per epoch and drop the incomplete last batch.
+        train: training batches (a permutation per epoch, the incomplete last batch dropped), or
+            evaluation batches (in order, all images).
         augment: callable ``(uint8 batch, generator) -> float batch``; ``normalize`` when ``None``.
         seed: seed of the loader's generator (permutation and augmentation).
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, augment=None, seed: int = 0):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, train: bool, augment=None, seed: int = 0):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if shuffle and len(x) < batch_size:
+        if train and len(x) < batch_size:
             raise ValueError(
                 f"only {len(x)} training images for batch_size {batch_size}: lower batch_size or raise train_subset"
             )
         self.x, self.y = x, y
         self.batch_size = batch_size
-        self.shuffle = shuffle
+        self.train = train
         self.augment = augment
         self.generator = torch.Generator(device=x.device)
         self.generator.manual_seed(seed)
 
     def __len__(self) -> int:
         n = len(self.x)
-        return n // self.batch_size if self.shuffle else -(-n // self.batch_size)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.x)
-        if self.shuffle:
+        if self.train:
             order = torch.randperm(n, device=self.x.device, generator=self.generator)
         for i in range(len(self)):
-            if self.shuffle:
+            if self.train:
                 idx = order[i * self.batch_size : (i + 1) * self.batch_size]
                 xb, yb = self.x[idx], self.y[idx]
             else:

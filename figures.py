@@ -7,7 +7,7 @@ and pandas; every plot reads files or tensors, so it can be redrawn without trai
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -68,26 +68,6 @@ def plot_run(csv_path: str | Path, out_path: str | Path, title: str = ""):
     return fig
 
 
-def plot_comparison(csv_paths: dict[str, str | Path], out_path: str | Path, title: str = "DyT vs LayerNorm"):
-    """Overlay several runs (label -> CSV): test accuracy, test loss and train loss per epoch."""
-    import pandas as pd
-
-    fig, ax = _figure(1, 3, (15, 4.5))
-    for label, path in csv_paths.items():
-        df = pd.read_csv(path)
-        best = 100 * df.test_acc.max()
-        ax[0, 0].plot(df.epoch, 100 * df.test_acc, label=f"{label} (best {best:.2f}%)")
-        ax[0, 1].plot(df.epoch, df.test_loss, label=label)
-        ax[0, 2].plot(df.epoch, df.train_loss, label=label)
-    for a, t in zip(ax[0], ("test accuracy (%)", "test loss", "train loss")):
-        a.set(title=t, xlabel="epoch")
-        a.legend()
-        a.grid(alpha=0.3)
-    fig.suptitle(title)
-    _save(fig, out_path)
-    return fig
-
-
 def plot_images(images: torch.Tensor, labels: torch.Tensor, out_path: Optional[str | Path] = None, cols: int = 8):
     """A grid of images (B, 3, H, W), uint8 or normalised float, titled with class names."""
     x = images.detach().float().cpu()
@@ -133,11 +113,23 @@ def plot_confusion(matrix: torch.Tensor, out_path: Optional[str | Path] = None, 
     return fig
 
 
-def plot_schedule(lrs: list[float], steps_per_epoch: int, out_path: Optional[str | Path] = None, title: str = ""):
-    """The learning rate over the whole run, one value per step, with the x axis in epochs."""
+SCHEDULE_POINTS = 2000  # steps at which the schedule is drawn (a long run has millions)
+
+
+def plot_schedule(
+    lr_at_step: Callable[[int], float],
+    total_steps: int,
+    steps_per_epoch: int,
+    out_path: Optional[str | Path] = None,
+    title: str = "",
+):
+    """The learning rate over the whole run (``lr_at_step`` at up to ``SCHEDULE_POINTS`` steps, the
+    first and last included), with the x axis in epochs."""
+    count = min(total_steps, SCHEDULE_POINTS)
+    steps = sorted({round(i * (total_steps - 1) / max(count - 1, 1)) for i in range(count)})
     fig, ax = _figure(1, 1, (6, 2.6))
     a = ax[0, 0]
-    a.plot([i / steps_per_epoch for i in range(len(lrs))], lrs)
+    a.plot([s / steps_per_epoch for s in steps], [lr_at_step(s) for s in steps])
     a.set(title=title or "learning rate", xlabel="epoch", ylabel="lr")
     a.grid(alpha=0.3)
     if out_path is not None:

@@ -11,29 +11,53 @@ LAST_EPOCHS = 5  # a run is scored by the mean test accuracy of its last epochs 
 
 
 def summarize_run(csv_path: str | Path) -> dict:
-    """Epochs logged, final / best / mean-of-last-5 test accuracy (%, the better of raw and EMA
-    weights per epoch), clean training accuracy, and training minutes, from a run's CSV."""
+    """Epochs logged, final / best / mean-of-last-5 test accuracy (%) of the trained weights and, for a
+    run with EMA, the same of the EMA weights in ``ema_``-prefixed keys (each scored on its own: taking
+    the better of the two per epoch would flatter EMA runs), clean training accuracy, training minutes."""
     rows = read_csv(csv_path)
     if not rows:
         return {"epochs": 0}
-
-    def acc(r):
-        return 100 * max(float(r["test_acc"]), float(r.get("ema_test_acc") or 0))
-
-    accs = [acc(r) for r in rows]
-    best = max(range(len(rows)), key=accs.__getitem__)
-    last = accs[-LAST_EPOCHS:]
     seconds = sum(float(r.get(k) or 0) for r in rows for k in ("train_seconds", "eval_seconds", "checkpoint_seconds"))
-    summary = {
-        "epochs": int(rows[-1]["epoch"]),
-        "final_acc": accs[-1],
-        "best_acc": accs[best],
-        "best_epoch": int(rows[best]["epoch"]),
-        "last5_acc": sum(last) / len(last),
-        "minutes": seconds / 60,
-        "train_clean_acc": 100 * float(rows[-1]["train_clean_acc"]) if rows[-1].get("train_clean_acc") else math.nan,
-    }
+    summary = {"epochs": int(rows[-1]["epoch"])}
+    for prefix in ("", "ema_") if rows[-1].get("ema_test_acc") else ("",):
+        accs = [100 * float(r[f"{prefix}test_acc"] or "nan") for r in rows]
+        best = max(range(len(rows)), key=lambda i: -math.inf if math.isnan(accs[i]) else accs[i])
+        last = accs[-LAST_EPOCHS:]
+        summary.update(
+            {
+                f"{prefix}final_acc": accs[-1],
+                f"{prefix}best_acc": accs[best],
+                f"{prefix}best_epoch": int(rows[best]["epoch"]),
+                f"{prefix}last5_acc": sum(last) / len(last),
+            }
+        )
+    summary["minutes"] = seconds / 60
+    summary["train_clean_acc"] = (
+        100 * float(rows[-1]["train_clean_acc"]) if rows[-1].get("train_clean_acc") else math.nan
+    )
     return summary
+
+
+def describe(name: str, summary: dict) -> str:
+    """A run's result in words (``summary`` from ``summarize_run``): the trained weights and, apart,
+    the EMA weights."""
+    last = min(LAST_EPOCHS, summary["epochs"])
+    averaged = "the last epoch" if last == 1 else f"the last {last} epochs"
+
+    def scores(prefix: str) -> str:
+        final, last5, best = (summary[prefix + k] for k in ("final_acc", "last5_acc", "best_acc"))
+        return (
+            f"test accuracy {final:.2f}% at the end, {last5:.2f}% averaged over {averaged}, best {best:.2f}% "
+            f"(epoch {summary[prefix + 'best_epoch']})"
+        )
+
+    epochs = f"{summary['epochs']} epoch" + ("" if summary["epochs"] == 1 else "s")
+    text = f"{name}: {epochs}; {scores('')}"
+    if "ema_final_acc" in summary:
+        text += f"; EMA weights: {scores('ema_')}"
+    if not math.isnan(summary["train_clean_acc"]):
+        text += f"; clean training accuracy {summary['train_clean_acc']:.1f}%"
+    return text + f"; {summary['minutes']:.1f} minutes of training and evaluation."
 
 
 def next_steps(summary: dict, cfg) -> list[str]:

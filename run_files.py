@@ -1,36 +1,40 @@
-"""A run's files: atomic checkpoints, the per-epoch CSV, the run lock, and the checks that a file
-belongs to this run.
+"""A run's files: where they are (``RunPaths``), and how they change while it trains (``RunFiles``):
+atomic checkpoints written in the background, the best checkpoint as a copy of the latest, the
+per-epoch CSV, the text log, the run lock, and the checks that a file belongs to this run.
 
-Names are ``<checkpoint_dir>/<run>_latest.pth`` (every epoch, everything a resume needs),
-``<checkpoint_dir>/<run>_best.pth`` (the best weights), ``<checkpoint_dir>/<run>.lock`` (who is
-training the run now), ``<log_dir>/<run>.csv`` (one row per epoch, appended), ``<log_dir>/<run>.log``
-(the text log) and ``<log_dir>/<run>_config.json``.
+    checkpoint/<run>_latest.pth   every epoch: everything a resume needs
+    checkpoint/<run>_best.pth     a copy of latest from the epoch that scored best
+    checkpoint/<run>.lock         who is training the run now (run_lock.py)
+    log/<run>.csv                 one row per epoch, appended
+    log/<run>.log                 the text log
+    log/<run>_config.json         the config
+    log/<run>_result.json         a sweep's summary of the run (sweep.py)
+    plots/<run>_<what>.png        figures
 """
 
 from __future__ import annotations
 
 import csv
-import errno
 import io
+import itertools
 import json
-import os
-import shutil
-import socket
-import tempfile
 import threading
 import time
-import uuid
-import weakref
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
+from atomic_files import atomic_copy, atomic_write, temp_files
 from config import Config, config_differences
+from run_lock import RunLock
 
 CHECKPOINT_FORMAT = 1
-LOCK_STALE_SECONDS = 30 * 60  # a lock from another host whose heartbeat is older than this is taken over
+# What a resumable checkpoint must hold (the rng entry: its own keys); checked when it is read.
+LATEST_KEYS = ("config", "model", "optimizer", "scaler", "epoch", "step", "best_acc", "best_epoch", "rng")
+RNG_KEYS = ("device_type", "torch", "loader", "mixup")
 
 
 class ConfigMismatchError(ValueError):
@@ -39,10 +43,6 @@ class ConfigMismatchError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be read, or cannot be used the way it was asked for."""
-
-
-class RunLockedError(RuntimeError):
-    """Another live process (or another trainer in this one) is training the same run."""
 
 
 def check_same_run(state: dict, cfg: Config, path: str | Path) -> None:
@@ -56,45 +56,7 @@ def check_same_run(state: dict, cfg: Config, path: str | Path) -> None:
         )
 
 
-# --- atomic files ------------------------------------------------------------------------------
-
-
-def temp_files(path: str | Path) -> list[Path]:
-    """The temp files ``atomic_write`` leaves beside ``path`` when its process is killed mid-write."""
-    path = Path(path)
-    return sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None], size_hint: int = 0) -> None:
-    """Call ``write(tmp_path)``, then move the temp file over ``path`` in one ``os.replace``.
-
-    A crash or an exception during ``write`` leaves the previous ``path`` intact (the temp file is
-    removed on error). A full disk raises ``OSError(ENOSPC)`` saying how much space the save needs
-    (``size_hint`` bytes for the new file, written beside the old one before it is replaced)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        free = shutil.disk_usage(path.parent).free
-        if isinstance(e, (OSError, RuntimeError)) and (
-            getattr(e, "errno", None) == errno.ENOSPC or (size_hint and free < size_hint)
-        ):
-            raise OSError(
-                errno.ENOSPC,
-                f"the disk holding {path.parent} is full ({free / 2**20:,.0f} MiB free) while saving {path.name}: "
-                f"an atomic save needs about {size_hint / 2**20:,.0f} MiB free there (the new file is written "
-                f"beside the old one, then replaces it). The files already there are intact. Free some space, "
-                f"or point this folder's setting at another disk, then run again ({type(e).__name__}: {e})",
-            ) from e
-        raise
+# --- checkpoints -------------------------------------------------------------------------------
 
 
 def _tensor_bytes(obj) -> int:
@@ -127,37 +89,34 @@ def snapshot(obj):
 
 
 class CheckpointWriter:
-    """Writes checkpoints in a background thread, one at a time, in order.
+    """Writes a checkpoint (and copies of it) in a background thread, one save at a time, in order.
 
-    ``submit`` waits for the previous write (raising its error, if any) and starts the next;
+    ``submit`` waits for the previous save (raising its error, if any) and starts the next;
     ``wait`` blocks until everything submitted is on disk. ``load_checkpoint`` waits for pending
     writes of the file it reads, so a reader in this process never sees an older file than a
     writer here has submitted."""
 
     _pending: dict[Path, threading.Thread] = {}  # file -> the thread writing it (this process)
 
-    def __init__(self, background: bool = True):
-        self.background = background
+    def __init__(self):
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
 
-    def submit(self, writes: list[tuple[Path, dict]]) -> None:
+    def submit(self, path: Path, state: dict, copies: tuple[Path, ...] = ()) -> None:
+        """Save ``state`` to ``path``, then copy that file to each of ``copies``."""
         self.wait()
-        if not self.background:
-            for path, state in writes:
-                save_checkpoint(path, state)
-            return
 
         def run():
             try:
-                for path, state in writes:
-                    save_checkpoint(path, state)
+                save_checkpoint(path, state)
+                for copy in copies:
+                    atomic_copy(path, copy)
             except BaseException as e:  # reported by the next submit() or wait()
                 self._error = e
 
         self._thread = threading.Thread(target=run, name="checkpoint-writer")  # not a daemon: exit waits
-        for path, _ in writes:
-            CheckpointWriter._pending[Path(path).resolve()] = self._thread
+        for p in (path, *copies):
+            CheckpointWriter._pending[Path(p).resolve()] = self._thread
         self._thread.start()
 
     def wait(self) -> None:
@@ -176,17 +135,25 @@ class CheckpointWriter:
 
 
 def checkpoint_kind(state: dict) -> str:
-    """``"latest"`` (resumable: optimizer, step, RNG states) or ``"best"`` (weights only)."""
-    return "latest" if {"optimizer", "step", "rng"} <= set(state) else "best"
+    """``"latest"`` (resumable: optimizer, step, RNG states) or ``"weights"`` (a best-model file of
+    an earlier version of this project: weights only)."""
+    return "latest" if {"optimizer", "step", "rng"} <= set(state) else "weights"
 
 
-def load_checkpoint(path: str | Path, kind: Optional[str] = None, best_path: Optional[str | Path] = None) -> dict:
-    """Load a checkpoint with ``weights_only=True`` after checking the CRC32 of every record.
+def load_checkpoint(path: str | Path, best_path: Optional[str | Path] = None, resumable: bool = True) -> dict:
+    """Load a checkpoint with ``weights_only=True`` after checking the CRC32 of every record and, when
+    ``resumable``, that it holds everything a resume reads.
 
-    A corrupt or truncated file raises ``CheckpointError`` that says what to do (and never touches
-    ``best_path``); ``kind`` (``"latest"`` or ``"best"``) refuses a file of the other kind."""
+    A corrupt, truncated or incomplete file raises ``CheckpointError`` that names it and says what to
+    do (and never touches ``best_path``)."""
     path = Path(path)
     CheckpointWriter.wait_for(path)
+    keep = (
+        f" The best checkpoint {best_path} is untouched, and a fresh start keeps it (set aside under a dated name)."
+        if best_path and Path(best_path).exists()
+        else ""
+    )
+    advice = f"Move it away to start this run afresh, or put a good checkpoint in its place to resume from it.{keep}"
     try:
         with zipfile.ZipFile(path) as z:  # torch.load itself does not check the records' CRC32s
             bad = z.testzip()
@@ -196,42 +163,63 @@ def load_checkpoint(path: str | Path, kind: Optional[str] = None, best_path: Opt
     except FileNotFoundError:
         raise
     except Exception as e:  # zipfile errors, RuntimeError, EOFError, UnpicklingError ...
-        keep = (
-            f" The best checkpoint {best_path} is untouched, and a fresh start keeps it (set aside under a dated name)."
-            if best_path and Path(best_path).exists()
-            else ""
-        )
         raise CheckpointError(
-            f"{path} cannot be read: corrupt, truncated or not a plain checkpoint ({type(e).__name__}: {e}).{keep} "
-            f"Move it away to start this run afresh, or put a good checkpoint in its place to resume from it."
+            f"{path} cannot be read: corrupt, truncated or not a plain checkpoint ({type(e).__name__}: {e}). {advice}"
         ) from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "config" not in state:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT}).")
-    found = checkpoint_kind(state)
-    if kind == "latest" and found == "best":
+        raise CheckpointError(f"{path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT}). {advice}")
+    if resumable and checkpoint_kind(state) == "weights":
         raise CheckpointError(
-            f"{path} is a best-model checkpoint (the weights of epoch {state.get('epoch')}, no optimizer state, "
-            f"step or random states), so a run cannot resume from it. Put the run's own latest checkpoint back "
-            f"in its place; or move this file away to start the run afresh (an existing best checkpoint is "
-            f"then set aside under a dated name, not overwritten). To keep training from these weights, "
-            f"start a new run (another run_name)."
+            f"{path} is a best-model checkpoint of an earlier version (the weights of epoch {state.get('epoch')}, no "
+            f"optimizer state, step or random states), so a run cannot resume from it. Put the run's own latest "
+            f"checkpoint back in its place; or move this file away to start the run afresh (an existing best "
+            f"checkpoint is then set aside under a dated name, not overwritten). To keep training from these "
+            f"weights, start a new run (another run_name)."
         )
-    if kind == "best" and found != "best":
-        raise CheckpointError(f"{path} is a resumable (latest) checkpoint, not a best-model checkpoint.")
+    missing = [k for k in LATEST_KEYS if k not in state] if resumable else []
+    rng = state.get("rng")
+    missing += [f"rng.{k}" for k in RNG_KEYS if resumable and isinstance(rng, dict) and k not in rng]
+    if resumable and not isinstance(rng, dict) and "rng" not in missing:
+        missing.append("rng")
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}, which a resume needs. {advice}")
     return state
 
 
+def best_summary(state: dict) -> tuple[float, int, str]:
+    """(test accuracy, epoch, which weights: "raw" or "ema") of a best checkpoint, new or old format."""
+    if checkpoint_kind(state) == "weights":
+        return float(state["test_acc"]), int(state["epoch"]), state.get("weights", "raw")
+    return float(state["best_acc"]), int(state["best_epoch"]), state.get("best_source", "raw")
+
+
 def set_aside(path: Path, why: str) -> Optional[Path]:
-    """Rename ``path`` to ``<stem>.<time>.<why><suffix>`` beside it (nothing is deleted)."""
+    """Rename ``path`` to ``<stem>.<time>.<why><suffix>`` beside it (nothing is deleted, and an earlier
+    set-aside file is never replaced: a second one in the same second gets ``-2``, ``-3``...)."""
     if not path.exists():
         return None
-    aside = path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}.{why}{path.suffix}")
-    path.replace(aside)
-    return aside
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        aside = path.with_name(f"{path.stem}.{stamp}{'' if n == 1 else f'-{n}'}.{why}{path.suffix}")
+        try:  # a hard link fails if the name exists, so nothing is overwritten even in a race
+            aside.hardlink_to(path)
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here (some network drives): an exclusive create, then a rename
+            try:
+                aside.open("xb").close()
+            except FileExistsError:
+                continue
+            path.replace(aside)
+            return aside
+        path.unlink()
+        return aside
 
 
 def check_writable(folder: str | Path) -> None:
     """Raise ``PermissionError`` naming ``folder`` if a file cannot be created in it."""
+    import tempfile
+
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -242,100 +230,6 @@ def check_writable(folder: str | Path) -> None:
             f"cannot write in {folder} ({type(e).__name__}: {e}). Training writes a checkpoint and a log "
             f"row there every epoch: make it writable, or choose another folder."
         ) from e
-
-
-# --- the run lock ------------------------------------------------------------------------------
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child that was not reaped yet is a zombie: gone for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _release(path: Path, token: str) -> None:
-    try:
-        if json.loads(path.read_text()).get("token") == token:
-            path.unlink()
-    except (OSError, ValueError):
-        pass
-
-
-class RunLock:
-    """One writer per run: a lock file holding the pid, host and a token of its holder.
-
-    Taken over when stale: its process is gone (same host), it was taken by this very process (a
-    trainer built anew in a notebook replaces the old one, whose next save then refuses), or its
-    heartbeat is older than ``LOCK_STALE_SECONDS`` (another host, e.g. two Colab sessions on one
-    Drive folder). Released when the holder is garbage-collected or its process exits."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.token = uuid.uuid4().hex
-        self.held = False
-
-    def _read(self) -> Optional[dict]:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def _info(self) -> str:
-        return json.dumps(
-            {"pid": os.getpid(), "host": socket.gethostname(), "token": self.token, "heartbeat": time.time()}
-        )
-
-    def _stale(self, holder: Optional[dict]) -> bool:
-        if holder is None:  # unreadable or half-written: its writer died between open and write
-            return time.time() - self.path.stat().st_mtime > 5
-        if holder.get("host") == socket.gethostname():
-            return holder.get("pid") == os.getpid() or not _process_alive(int(holder.get("pid", -1)))
-        return time.time() - float(holder.get("heartbeat", 0)) > LOCK_STALE_SECONDS
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(10):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                if self._stale(holder):
-                    self.path.unlink(missing_ok=True)
-                    continue
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("heartbeat", 0))))
-                raise RunLockedError(
-                    f"this run is being trained by process {holder.get('pid')} on host {holder.get('host')} "
-                    f"(alive at {since}; lock file {self.path}). Two writers would mix their epochs in one "
-                    f"CSV and checkpoint. Stop that process first (another notebook tab, a papermill run, "
-                    f"another Colab session on the same Drive folder), or give this run another run_name."
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                f.write(self._info())
-            self.held = True
-            weakref.finalize(self, _release, self.path, self.token)
-            return
-        raise RunLockedError(f"could not take the lock {self.path}: other processes keep taking it")
-
-    def check(self) -> None:
-        """Raise ``RunLockedError`` if another trainer has taken this run over since ``acquire``."""
-        holder = self._read()
-        if not self.held or holder is None or holder.get("token") != self.token:
-            who = f"process {holder.get('pid')} on {holder.get('host')}" if holder else "nobody (lock file gone)"
-            raise RunLockedError(
-                f"this trainer no longer holds {self.path} (now: {who}): a trainer for the same run was "
-                f"built after it. Use the newest trainer; this one writes nothing more."
-            )
-
-    def heartbeat(self) -> None:
-        self.check()
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text(self._info()))
 
 
 # --- the CSV -------------------------------------------------------------------------------------
@@ -374,28 +268,38 @@ def append_csv(path: str | Path, row: dict) -> None:
         writer.writerow(row)
 
 
-def truncate_csv(path: str | Path, last_epoch: int) -> tuple[int, int]:
-    """Keep the rows of epochs 1..``last_epoch`` (atomically). Returns (rows past it dropped,
-    damaged lines dropped): a line of NUL bytes or a partial row, as a power cut can leave."""
+def _header_is_sound(fields: list[str]) -> bool:
+    return bool(fields) and fields[0] == "epoch" and all(f and f.isprintable() for f in fields)
+
+
+def repair_csv(path: str | Path, last_epoch: int, columns: list[str]) -> tuple[int, int, bool]:
+    """Keep the rows of epochs 1..``last_epoch`` (atomically). Returns (rows past it dropped, damaged
+    lines dropped, header rebuilt): a line of NUL bytes or a partial row, as a power cut can leave, is
+    damaged; a damaged header is rebuilt as ``columns`` (the trainer's own), keeping the rows that fit."""
     path = Path(path)
     if not path.exists():
-        return 0, 0
+        return 0, 0, False
     lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     if not lines:
-        return 0, 0
-    fields = next(csv.reader([lines[0].replace("\0", "")]), [])
+        return 0, 0, False
+    fields = next(csv.reader([lines[0]]), []) if "\0" not in lines[0] else []
+    rebuilt = not _header_is_sound(fields)
+    body = lines[1:]
+    if rebuilt:
+        fields = list(columns)
+        body = lines  # the first line may be a row whose header line was lost
     keep, past, damaged = [], 0, 0
-    for line in lines[1:]:
+    for line in body:
         values = next(csv.reader([line]), []) if "\0" not in line else []
         if len(values) != len(fields) or not values[0].isdigit():
-            damaged += bool(line.strip())
+            damaged += bool(line.strip()) and not (rebuilt and line is lines[0])
             continue
         if int(values[0]) > last_epoch:
             past += 1
         else:
             keep.append(values)
-    if (past, damaged) == (0, 0) and fields and fields[0] == "epoch":
-        return 0, 0
+    if (past, damaged, rebuilt) == (0, 0, False):
+        return 0, 0, False
 
     def write(tmp: str) -> None:
         buf = io.StringIO()
@@ -405,4 +309,177 @@ def truncate_csv(path: str | Path, last_epoch: int) -> tuple[int, int]:
         Path(tmp).write_text(buf.getvalue())
 
     atomic_write(path, write)
-    return past, damaged
+    return past, damaged, rebuilt
+
+
+# --- one run's files ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run's files are: the one place their names are spelled."""
+
+    name: str
+    checkpoint_dir: Path
+    log_dir: Path
+    plot_dir: Path
+
+    @classmethod
+    def of(cls, cfg: Config) -> RunPaths:
+        return cls(cfg.name, Path(cfg.checkpoint_dir), Path(cfg.log_dir), Path(cfg.plot_dir))
+
+    @property
+    def latest(self) -> Path:
+        return self.checkpoint_dir / f"{self.name}_latest.pth"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoint_dir / f"{self.name}_best.pth"
+
+    @property
+    def lock(self) -> Path:
+        return self.checkpoint_dir / f"{self.name}.lock"
+
+    @property
+    def csv(self) -> Path:
+        return self.log_dir / f"{self.name}.csv"
+
+    @property
+    def log(self) -> Path:
+        return self.log_dir / f"{self.name}.log"
+
+    @property
+    def config(self) -> Path:
+        return self.log_dir / f"{self.name}_config.json"
+
+    @property
+    def result(self) -> Path:
+        return self.log_dir / f"{self.name}_result.json"
+
+    @property
+    def output(self) -> Path:
+        """What a sweep's child process prints."""
+        return self.log_dir / f"{self.name}.out"
+
+    def figure(self, what: str) -> Path:
+        return self.plot_dir / f"{self.name}_{what}.png"
+
+
+class RunFiles:
+    """How a run's files change while one trainer trains it: opened (folders checked, the lock taken,
+    temp files of a killed save removed), read (the latest checkpoint, the best record), repaired (the
+    CSV), and written once per epoch by ``record``, which checks the lock before it writes."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.paths = RunPaths.of(cfg)
+        self.lock = RunLock(self.paths.lock)
+        self.writer = CheckpointWriter()
+        self.opened = False  # the lock is held
+        self.session = False  # the log's session line is written: lines go straight to the log
+        self._unlogged: list[str] = []  # lines said before it, written after it
+
+    def open(self) -> list[str]:
+        """Check the folders, take the lock, clean up; returns notes for the log."""
+        for folder in dict.fromkeys((self.cfg.checkpoint_dir, self.cfg.log_dir, self.cfg.plot_dir)):
+            check_writable(folder)
+        self.lock.acquire()
+        self.opened = True
+        for path in (self.paths.latest, self.paths.best):  # a trainer of this run in this process may be saving
+            CheckpointWriter.wait_for(path)
+        p = self.paths
+        stale = [t for path in (p.latest, p.best, p.lock, p.csv, p.log, p.config) for t in temp_files(path)]
+        for t in stale:
+            t.unlink(missing_ok=True)
+        return [f"removed {len(stale)} temp file(s) of an interrupted save"] if stale else []
+
+    def close(self) -> None:
+        """Wait for the last save, then release the lock (another process may train the run now)."""
+        try:
+            self.writer.wait()
+        finally:
+            self.lock.release()
+            self.opened = self.session = False
+
+    def set_aside_earlier(self) -> list[str]:
+        """A fresh start: an earlier run's best and CSV are kept under dated names, never overwritten."""
+        notes = []
+        for path in (self.paths.csv, self.paths.best):
+            if path.exists() and (path != self.paths.csv or path.stat().st_size):
+                notes.append(f"earlier {path.name} moved to {set_aside(path, 'orphaned')}")
+        return notes
+
+    def read_latest(self) -> Optional[dict]:
+        """The latest checkpoint (None if there is none), checked to belong to this run."""
+        if not self.paths.latest.exists():
+            return None
+        state = load_checkpoint(self.paths.latest, self.paths.best)
+        check_same_run(state, self.cfg, self.paths.latest)
+        return state
+
+    def read_best(self) -> dict:
+        """The best checkpoint, checked to belong to this run (``FileNotFoundError`` if none)."""
+        if not self.paths.best.exists():
+            raise FileNotFoundError(f"no best checkpoint yet: {self.paths.best} (train at least one epoch)")
+        state = load_checkpoint(self.paths.best, resumable=False)
+        check_same_run(state, self.cfg, self.paths.best)
+        return state
+
+    def best_on_disk(self) -> Optional[tuple[float, int, str]]:
+        """(accuracy, epoch, weights) of the best checkpoint, if there is one."""
+        return best_summary(self.read_best()) if self.paths.best.exists() else None
+
+    def repair_csv(self, epoch: int, columns: list[str]) -> list[str]:
+        past, damaged, rebuilt = repair_csv(self.paths.csv, epoch, columns)
+        return [
+            f"dropped {past} CSV rows past it" if past else "",
+            f"dropped {damaged} damaged CSV line(s) (NUL bytes or a partial row)" if damaged else "",
+            "rebuilt the CSV's damaged header from this trainer's columns" if rebuilt else "",
+        ]
+
+    def log(self, line: str) -> None:
+        """Append a timestamped line to the text log; before the session line, keep it for then (only
+        the lock holder writes)."""
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
+        if not self.session:
+            self._unlogged.append(stamped)
+            return
+        with open(self.paths.log, "a") as f:
+            f.write(stamped + "\n")
+
+    def start_session(self, how: str, header: list[str]) -> None:
+        """The log's session line (``=== session: how``); the first time after ``open()`` also the config
+        file and the ``header`` lines; then the lines said before it."""
+        assert self.opened, "open() first"
+        first = not self.session
+        self.session = True
+        if first:
+            atomic_write(self.paths.config, lambda tmp: Path(tmp).write_text(json.dumps(self.cfg.to_dict(), indent=2)))
+        self.log(f"=== {'session: ' if first else ''}{how}")
+        for line in header if first else []:
+            self.log(line)
+        if self._unlogged:
+            with open(self.paths.log, "a") as f:
+                f.writelines(line + "\n" for line in self._unlogged)
+            self._unlogged.clear()
+
+    def check_lock(self) -> str:
+        """Raise if another trainer took the run over; a note if the lock file had to be taken again."""
+        return self.lock.check()
+
+    def wait_for_saves(self) -> None:
+        """Block until the previous epoch's checkpoint is on disk (raising its error, if any)."""
+        self.writer.wait()
+
+    def record(self, row: dict, latest: dict, best: bool, final: bool = False) -> str:
+        """One epoch's files: the CSV row now, then in the background the latest checkpoint (a
+        snapshot) and, when ``best``, its copy as the best checkpoint. The lock is checked first:
+        nothing is written by a trainer that lost the run. ``final``: wait for this save too.
+        Returns a note if the lock file had to be taken again."""
+        note = self.check_lock()
+        self.writer.wait()
+        append_csv(self.paths.csv, row)
+        self.writer.submit(self.paths.latest, latest, (self.paths.best,) if best else ())
+        if final:
+            self.writer.wait()
+        return note

@@ -26,11 +26,11 @@ from typing import Optional
 import torch
 
 import report
-from config import Config, with_overrides
+from atomic_files import atomic_write
+from config import Config, config_differences, with_overrides
 from data import ensure_cifar10
-from run_files import atomic_write
+from run_files import RunPaths
 
-RESULT_SUFFIX = "_result.json"  # <log_dir>/<run><suffix>: what train_run returned
 POLL_SECONDS = 0.5
 
 
@@ -78,11 +78,14 @@ def expand(base: Config, listed: list[dict], axes: Optional[dict[str, list]] = N
     return runs
 
 
-def result_path(cfg: Config) -> Path:
-    return Path(cfg.log_dir) / f"{cfg.name}{RESULT_SUFFIX}"
+def compare_norms(cfg: Config, seeds: list[int]) -> list[tuple[Config, dict]]:
+    """DyT and LayerNorm with ``cfg``'s recipe over ``seeds``. The run of ``cfg``'s own norm and seed
+    is ``cfg`` itself (its files, its name), so a run the notebook trained already is not trained again."""
+    runs = grid(cfg, {"norm": ["dyt", "ln"], "seed": list(seeds)})
+    return [(cfg, o) if (o["norm"], o["seed"]) == (cfg.norm, cfg.seed) else (c, o) for c, o in runs]
 
 
-def train_run(config: Config | dict, show_progress: bool = False) -> dict:
+def train_run(config: Config | dict, progress: str = "off") -> dict:
     """Train one config to completion (resuming its files if any) and return its summary.
 
     Errors are reported, not raised: ``status`` is ``"finished"``, ``"diverged"`` or ``"failed"``,
@@ -92,8 +95,9 @@ def train_run(config: Config | dict, show_progress: bool = False) -> dict:
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
     start = time.time()
     result = {"run_name": cfg.name, "status": "failed", "error": ""}
+    trainer = None
     try:
-        trainer = Trainer(cfg, load_data(cfg), show_progress=show_progress)
+        trainer = Trainer(cfg, load_data(cfg), progress=progress)
         for epoch in trainer.remaining_epochs():
             trainer.run_epoch(epoch)
         result["status"] = "finished"
@@ -101,20 +105,35 @@ def train_run(config: Config | dict, show_progress: bool = False) -> dict:
         result.update(status="diverged", error=str(e))
     except Exception as e:  # one run's failure is its own; the sweep goes on
         result["error"] = f"{type(e).__name__}: {e}"
-    csv_path = Path(cfg.log_dir) / f"{cfg.name}.csv"
-    if csv_path.exists():
-        result.update(report.summarize_run(csv_path))
+    finally:
+        if trainer is not None and trainer.files.opened:
+            trainer.close()
+    paths = RunPaths.of(cfg)
+    if paths.csv.exists():
+        result.update(report.summarize_run(paths.csv))
     result.update(planned_epochs=cfg.epochs, wall_minutes=(time.time() - start) / 60)
-    atomic_write(result_path(cfg), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    atomic_write(paths.result, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     return result
 
 
+def trained_with_another_config(runs: list[tuple[Config, dict]]) -> list[str]:
+    """For each run whose files were written by another config (same name, other settings: a sweep
+    run again with other ``--overrides``), what differs. Such a run's results are not this config's."""
+    clashes = []
+    for cfg, _ in runs:
+        try:
+            saved = json.loads(RunPaths.of(cfg).config.read_text())
+        except (OSError, ValueError):
+            continue
+        diff = config_differences(saved, cfg)
+        if diff:
+            fields = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            clashes.append(f"{cfg.name} ({fields})")
+    return clashes
+
+
 def _finished(cfg: Config) -> bool:
-    try:
-        result = json.loads(result_path(cfg).read_text())
-    except (OSError, ValueError):
-        return False
-    return result.get("status") == "finished" and result.get("epochs", 0) >= cfg.epochs
+    return run_result(cfg)["status"] == "finished"
 
 
 def _slots(per_gpu: int) -> list[Optional[int]]:
@@ -131,7 +150,7 @@ def _launch(cfg: Config, gpu: Optional[int], per_process_threads: int) -> subpro
     else:
         env["OMP_NUM_THREADS"] = str(per_process_threads)
     Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(cfg.log_dir) / f"{cfg.name}.out", "a") as out:  # the child keeps its own copy of the file
+    with open(RunPaths.of(cfg).output, "a") as out:  # the child keeps its own copy of the file
         # Same working directory as this process, so relative folders in the config mean the same there.
         return subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(cfg.to_dict())],
@@ -141,16 +160,26 @@ def _launch(cfg: Config, gpu: Optional[int], per_process_threads: int) -> subpro
         )
 
 
-def run_sweep(runs: list[tuple[Config, dict]], per_gpu: int = 1, name: str = "sweep", quiet: bool = False):
+def run_sweep(runs: list[tuple[Config, dict]], per_gpu: int = 1, name: str = "sweep", progress: str = "lines"):
     """Train ``runs`` (from ``grid``) in child processes, ``per_gpu`` at a time per GPU; returns
-    the table (``results``) as a pandas DataFrame and writes it with the group statistics."""
+    the table (``results``) as a pandas DataFrame and writes it with the group statistics.
+    ``progress``: ``"lines"`` (a line per started and ended run) or ``"off"``.
+
+    Raises ``ValueError`` before training anything if a run's files were written by another config."""
     if per_gpu < 1:
         raise ValueError(f"per_gpu must be >= 1, got {per_gpu}")
+    clashes = trained_with_another_config(runs)
+    if clashes:
+        raise ValueError(
+            f"{len(clashes)} run(s) of this sweep already have files from another config, so their results would "
+            f"not be this config's: {'; '.join(clashes)}. Give this sweep's runs names of their own (a "
+            f'"run_name" in the shared overrides, which prefixes every run), or other output folders.'
+        )
+    say = print if progress != "off" else (lambda *_: None)
     for data_dir, download in {(c.data_dir, c.download) for c, _ in runs}:
         ensure_cifar10(data_dir, download)  # downloaded once, not by every child
     pending = [(c, o) for c, o in runs if not _finished(c)]
-    if not quiet:
-        print(f"{name}: {len(runs)} runs, {len(runs) - len(pending)} finished already, {len(pending)} to train")
+    say(f"{name}: {len(runs)} runs, {len(runs) - len(pending)} finished already, {len(pending)} to train")
     slots = _slots(per_gpu)
     threads = max(1, (os.cpu_count() or 1) // len(slots))
     running: dict[int, tuple[subprocess.Popen, Config]] = {}
@@ -161,15 +190,13 @@ def run_sweep(runs: list[tuple[Config, dict]], per_gpu: int = 1, name: str = "sw
                     break
                 cfg, _ = pending.pop(0)
                 running[slot] = (_launch(cfg, slots[slot], threads), cfg)
-                if not quiet:
-                    where = f"GPU {slots[slot]}" if slots[slot] is not None else "CPU"
-                    print(f"  started {cfg.name} on {where}")
+                where = f"GPU {slots[slot]}" if slots[slot] is not None else "CPU"
+                say(f"  started {cfg.name} on {where}")
             time.sleep(POLL_SECONDS)
             for slot, (proc, cfg) in list(running.items()):
                 if proc.poll() is not None:
                     del running[slot]
-                    if not quiet:
-                        print(f"  {cfg.name}: exit code {proc.returncode}")
+                    say(f"  {cfg.name}: exit code {proc.returncode}")
     except BaseException:  # an interrupt stops the children too; their runs resume next time
         for proc, _ in running.values():
             proc.send_signal(signal.SIGINT)
@@ -194,6 +221,7 @@ def write_results(runs: list[tuple[Config, dict]], name: str):
     import figures
 
     fields = list(dict.fromkeys(k for _, overrides in runs for k in overrides))  # every swept field, in order
+    files = {cfg.name: RunPaths.of(cfg) for cfg, _ in runs}
     rows = []
     for cfg, _ in runs:
         rows.append({**{k: getattr(cfg, k) for k in fields}, **run_result(cfg)})
@@ -205,7 +233,7 @@ def write_results(runs: list[tuple[Config, dict]], name: str):
     groups.to_csv(log_dir / f"{name}_groups.csv", index=False)
     curves: dict[str, list[Path]] = {}
     for (cfg, overrides), row in zip(runs, rows):
-        csv_path = Path(cfg.log_dir) / f"{cfg.name}.csv"
+        csv_path = files[cfg.name].csv
         if csv_path.exists() and row.get("epochs"):
             label = ", ".join(f"{k}={v}" for k, v in overrides.items() if k != "seed") or "base config"
             curves.setdefault(label, []).append(csv_path)
@@ -213,22 +241,30 @@ def write_results(runs: list[tuple[Config, dict]], name: str):
         figures.plot_groups(
             curves, plot_dir / f"{name}.png", title=f"{name}: mean test accuracy, band: min to max over seeds"
         )
-    table.attrs.update(groups=groups, plot=plot_dir / f"{name}.png", name=name)
+    table.attrs.update(groups=groups, plot=plot_dir / f"{name}.png", name=name, fields=fields)
     return table
 
 
 def run_result(cfg: Config) -> dict:
-    """What ``train_run`` returned for ``cfg``; for a run without one, ``"unfinished"`` with the
-    summary of its CSV so far (a sweep stopped part-way), or ``"not run"``."""
+    """Where run ``cfg`` stands, from its CSV and what ``train_run`` said of it: ``"finished"`` (all
+    epochs), ``"diverged"``/``"failed"`` (with ``error``), ``"unfinished"`` (a sweep stopped part-way)
+    or ``"not run"``; with the CSV's summary."""
+    paths = RunPaths.of(cfg)
+    summary = report.summarize_run(paths.csv) if paths.csv.exists() else {"epochs": 0}
     try:
-        return json.loads(result_path(cfg).read_text())
+        said = json.loads(paths.result.read_text())
     except (OSError, ValueError):
-        pass
-    csv_path = Path(cfg.log_dir) / f"{cfg.name}.csv"
-    summary = report.summarize_run(csv_path) if csv_path.exists() else {}
-    if summary.get("epochs"):
-        return {"run_name": cfg.name, "status": "unfinished", **summary, "planned_epochs": cfg.epochs}
-    return {"run_name": cfg.name, "status": "not run"}
+        said = {}
+    row = {"run_name": cfg.name, "status": "not run", "error": "", **summary, "planned_epochs": cfg.epochs}
+    if said.get("status") in ("diverged", "failed") and said.get("epochs", 0) == summary["epochs"]:
+        row.update(status=said["status"], error=said.get("error", ""))
+    elif summary["epochs"] >= cfg.epochs:
+        row["status"] = "finished"
+    elif summary["epochs"]:
+        row["status"] = "unfinished"
+    if "wall_minutes" in said:
+        row["wall_minutes"] = said["wall_minutes"]
+    return row
 
 
 def group_stats(table, by: list[str]):
@@ -237,7 +273,7 @@ def group_stats(table, by: list[str]):
     import pandas as pd
 
     done = table[table["status"] == "finished"] if "status" in table else table.iloc[0:0]
-    scores = [c for c in ("last5_acc", "final_acc", "best_acc", "minutes") if c in done]
+    scores = [c for c in ("last5_acc", "ema_last5_acc", "final_acc", "best_acc", "minutes") if c in done]
     if done.empty or not scores:
         return pd.DataFrame(columns=by + ["runs"])
     grouped = done.groupby(by, dropna=False) if by else done.assign(group="all").groupby("group")
@@ -251,9 +287,8 @@ def show(table) -> None:
     """The table, the group statistics and the plot, in a notebook or a terminal."""
     import utils
 
-    columns = [
-        c for c in ("run_name", "status", "epochs", "final_acc", "best_acc", "last5_acc", "minutes") if c in table
-    ]
+    scores = ("final_acc", "best_acc", "last5_acc", "ema_last5_acc", "minutes")
+    columns = [c for c in ("run_name", *table.attrs.get("fields", []), "status", "epochs", *scores) if c in table]
     print(table[columns].to_string(index=False, float_format="{:.2f}".format))
     groups = table.attrs["groups"]
     print("\nper group (mean and std over seeds):")
@@ -299,7 +334,10 @@ def main(argv=None) -> None:
         runs = expand(with_overrides(Config(), args.overrides), listed, axes)
     except ValueError as e:  # bad JSON, an unknown field, a bad value, clashing names
         ap.error(str(e))
-    table = write_results(runs, args.name) if args.table_only else run_sweep(runs, args.per_gpu, args.name)
+    try:
+        table = write_results(runs, args.name) if args.table_only else run_sweep(runs, args.per_gpu, args.name)
+    except ValueError as e:  # runs whose files belong to another config
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
     show(table)
 
 

@@ -26,9 +26,14 @@ def duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def plural(n: int, word: str) -> str:
+    """``plural(1, "epoch")`` -> ``"1 epoch"``, ``plural(3, "epoch")`` -> ``"3 epochs"``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def progress_renders() -> bool:
     """Whether progress bars show up: a terminal, or a Jupyter kernel (widgets). Not a pipe or a log
-    file, where they only clutter the output (headless papermill runs pass ``show_progress=False``)."""
+    file, where they only clutter the output (``resolve_progress`` then chooses one line per epoch)."""
     try:
         from IPython import get_ipython
 
@@ -38,6 +43,17 @@ def progress_renders() -> bool:
     if shell is not None and type(shell).__name__ == "ZMQInteractiveShell":
         return True
     return sys.stdout.isatty()
+
+
+def resolve_progress(progress: str) -> str:
+    """The notebook's ``progress`` parameter as a Trainer's mode: ``"auto"`` is ``"bars"`` where they
+    render (a Jupyter kernel, a terminal), else ``"lines"`` (papermill, a log file)."""
+    modes = ("auto", "bars", "lines", "off")
+    if progress not in modes:
+        raise ValueError(f"progress must be one of {modes}, got {progress!r}")
+    if progress != "auto":
+        return progress
+    return "bars" if progress_renders() else "lines"
 
 
 def resolve_device(device: str = "auto") -> torch.device:

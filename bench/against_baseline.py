@@ -35,9 +35,13 @@ CHILD = r"""
 import json, sys, time
 sys.path.insert(0, ".")
 try:
+    import inspect
     from config import Config
     from training import Trainer, load_data
-    quiet = dict(show_progress=False, print_epochs=False)
+    if "progress" in inspect.signature(Trainer).parameters:
+        quiet = dict(progress="off")
+    else:  # before the Trainer took one progress word
+        quiet = dict(show_progress=False, print_epochs=False)
 except ImportError:  # before the layout change: one engine module
     from engine import Config, Trainer, load_data
     quiet = dict(quiet=True)
@@ -48,9 +52,10 @@ for epoch in trainer.remaining_epochs():
     start = time.perf_counter()
     trainer.run_epoch(epoch)
     print("EPOCH", time.perf_counter() - start, flush=True)
-writer = getattr(trainer, "writer", None)
-if writer is not None:
-    writer.wait()
+if hasattr(trainer, "close"):
+    trainer.close()
+elif getattr(trainer, "writer", None) is not None:
+    trainer.writer.wait()
 """
 
 # The README's CPU settings on a slice of CIFAR-10: seconds per epoch on a 2-core machine.

@@ -123,15 +123,25 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(v), "p25": q[0], "p75": q[2], "min": v[0], "max": v[-1], "n": len(v)}
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def model_only(trainer: Trainer, steps: int, repeats: int = 5) -> dict:
     """Seconds for ``steps`` optimizer steps on one batch already on the device, with the trainer's
-    own compile mode (CUDA graphs when it uses them): the floor a whole epoch is compared with."""
+    own compile mode (CUDA graphs when it uses them), in training mode (drop path on), as an epoch
+    trains: the floor a whole epoch is compared with. An epoch ends in evaluation (eval mode), so the
+    model is put back in training mode first; a graph compiled while timing raises."""
+    trainer.model.train()
     x, y = next(iter(trainer.train_loader))
     x, targets = trainer.mixup.mix(x, y, 1.0)
     x, targets = x.clone(), targets.clone()
-    # Untimed: on the H100 the first pass after the epochs took 11.7 s, not 1.1 s (cause not established).
-    for _ in range(steps):
+    for _ in range(steps):  # untimed: anything still to compile or record happens here
         trainer.train_step(x, targets)
+    graphs = compiled_graphs()
     times = []
     for _ in range(repeats):
         sync(trainer.device)
@@ -140,6 +150,8 @@ def model_only(trainer: Trainer, steps: int, repeats: int = 5) -> dict:
             trainer.train_step(x, targets)
         sync(trainer.device)
         times.append(time.perf_counter() - start)
+    if compiled_graphs() != graphs:
+        raise RuntimeError("a graph was compiled while the floor was timed: it does not time the training graph")
     return spread(times)
 
 
@@ -150,6 +162,7 @@ def gpu_busy(trainer: Trainer, steps: int = 30) -> dict:
     zero under graphs means the profiler did not trace inside them, and the fraction is not valid."""
     from torch.profiler import ProfilerActivity, profile
 
+    trainer.model.train()
     batches = iter(trainer.train_loader)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         sync(trainer.device)
@@ -186,7 +199,7 @@ def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2) 
     images, checkpoint), through ``Trainer.run_epoch`` with real files, then the model-only floor of
     the same trainer and, on CUDA, the GPU's busy fraction and peak memory."""
     data = synthetic_cifar(device)
-    trainer = Trainer(cfg, data, show_progress=False, print_epochs=False)
+    trainer = Trainer(cfg, data, progress="off")
     trainer.resume()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -196,7 +209,7 @@ def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2) 
         row = trainer.run_epoch(epoch)
         walls.append(time.perf_counter() - start - row["compile_seconds"])
         rows.append(row)
-    trainer.writer.wait()
+    trainer.files.wait_for_saves()
     steady = rows[warm:]
     per_epoch = EPOCH_IMAGES / (trainer.steps_per_epoch * cfg.batch_size)  # to 50k-image epochs
     floor = model_only(trainer, trainer.steps_per_epoch)

@@ -35,7 +35,7 @@ def steady_rate(csv_path: Path, images_per_epoch: int) -> float:
 
 def measure(base: Config, k: int, name: str) -> float:
     runs = grid(with_overrides(base, {"run_name": name}), {"seed": list(range(k))})
-    table = run_sweep(runs, per_gpu=k, name=name, quiet=True)
+    table = run_sweep(runs, per_gpu=k, name=name, progress="off")
     failed = table[table["status"] != "finished"]
     if len(failed):
         raise SystemExit(f"runs failed: {failed[['run_name', 'status', 'error']].to_string()}")

@@ -43,7 +43,7 @@ bench)
 train)
   timeout -s INT -k 60 "${5:-540}" python3 bench/run_notebook.py dyt_cifar10.ipynb -p epochs "${4:?EPOCHS}" \
     -p data_dir "$data" -p checkpoint_dir /tmp/device_check_ck -p log_dir "$work/log" -p plot_dir "$work/plots" \
-    -p show_progress False -p overrides "${OVERRIDES:-{\}}" 2>&1 | tee "$out/notebook.log"
+    -p progress lines -p overrides "${OVERRIDES:-{\}}" 2>&1 | tee "$out/notebook.log"
   tar czf "$out/train.tgz" -C "$work" .
   ;;
 concurrency)

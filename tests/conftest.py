@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from config import Config
 from data import BATCH_FOLDER, TEST_FILES, TRAIN_FILES
@@ -39,6 +40,16 @@ def fake_cifar(tmp_path):
     return write_fake_cifar10(tmp_path / "data")
 
 
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory):
+    """Uninterrupted reference runs, each trained once per test session, on the same generated data
+    as the ``cifar`` fixture (the generator is seeded)."""
+    from data import load_cifar10
+
+    root = tmp_path_factory.mktemp("reference")
+    return ReferenceRuns(root, load_cifar10(write_fake_cifar10(root / "data"), download=False))
+
+
 @pytest.fixture
 def cifar(fake_cifar):
     """The generated CIFAR-10 loaded onto the CPU by the real loading code."""
@@ -47,7 +58,7 @@ def cifar(fake_cifar):
     return load_cifar10(fake_cifar, download=False)
 
 
-QUIET = dict(show_progress=False, print_epochs=False)  # Trainer keyword arguments: nothing on screen
+QUIET = dict(progress="off")  # Trainer keyword arguments: nothing on screen
 
 
 def train_all(trainer) -> None:
@@ -86,3 +97,43 @@ def rows(path):
 
 def without_time(table):
     return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in table]
+
+
+class ReferenceRuns:
+    """Named tiny configs and, for each, one uninterrupted run trained on first use. Tests compare
+    their own (interrupted, resumed, compiled...) runs of the same config with it; none may train it
+    further or write into its folder."""
+
+    CONFIGS = {
+        "default": {},
+        "mixup": dict(epochs=2, mixup_alpha=0.4, cutmix_alpha=1.0, warmup_epochs=1),
+        "levers": dict(ema_decay=0.8, pool="gap", attn_init="mimetic", randaug_prob=0.5),
+    }
+    MIXUP = CONFIGS["mixup"]
+    LEVERS = CONFIGS["levers"]
+
+    def __init__(self, root: Path, data):
+        self.root, self.data, self._runs = root, data, {}
+
+    def get(self, name: str):
+        from training import Trainer
+
+        if name not in self._runs:
+            trainer = Trainer(tiny(self.root / name, **self.CONFIGS[name]), self.data, **QUIET)
+            train_all(trainer)
+            trainer.close()
+            self._runs[name] = trainer
+        return self._runs[name]
+
+    assert_same_run = staticmethod(lambda a, b: assert_same_run(a, b))
+
+
+def assert_same_run(a, b) -> None:
+    """Two trainers ended in the same state: steps, every weight (and EMA weight) bit for bit, and
+    the same CSV apart from timings."""
+    assert (a.epoch, a.step) == (b.epoch, b.step)
+    pairs = [(a.model, b.model)] + ([(a.ema.module, b.ema.module)] if a.ema is not None else [])
+    for x, y in pairs:
+        sx, sy = x.state_dict(), y.state_dict()
+        assert sx.keys() == sy.keys() and all(torch.equal(sx[k], sy[k]) for k in sx)
+    assert without_time(rows(a.paths.csv)) == without_time(rows(b.paths.csv))

@@ -95,7 +95,7 @@ def _indexed(n):
 
 def test_every_training_index_once_per_epoch():
     x, y = _indexed(200)
-    loader = DeviceLoader(x, y, batch_size=50, shuffle=True, seed=3)
+    loader = DeviceLoader(x, y, batch_size=50, train=True, seed=3)
     epochs = [torch.cat([yb for _, yb in loader]) for _ in range(2)]
     for order in epochs:
         assert torch.equal(order.sort().values, torch.arange(200))
@@ -104,9 +104,9 @@ def test_every_training_index_once_per_epoch():
 
 def test_training_drops_incomplete_batch_and_eval_keeps_it():
     x, y = _indexed(130)
-    train = DeviceLoader(x, y, batch_size=50, shuffle=True)
+    train = DeviceLoader(x, y, batch_size=50, train=True)
     assert len(train) == 2 and all(len(yb) == 50 for _, yb in train)
-    test = DeviceLoader(x, y, batch_size=50, shuffle=False)
+    test = DeviceLoader(x, y, batch_size=50, train=False)
     batches = list(test)
     assert len(test) == 3 and [len(b[1]) for b in batches] == [50, 50, 30]
     assert torch.equal(torch.cat([b[1] for b in batches]), y)
@@ -115,11 +115,11 @@ def test_training_drops_incomplete_batch_and_eval_keeps_it():
 
 def test_loader_state_restores_the_next_epoch():
     x, y = _indexed(100)
-    a = DeviceLoader(x, y, batch_size=20, shuffle=True, seed=1, augment=TrainAugment(4, True, RandAugment()))
+    a = DeviceLoader(x, y, batch_size=20, train=True, seed=1, augment=TrainAugment(4, True, RandAugment()))
     list(a)
     state = a.state_dict()
     first = [(xb.clone(), yb.clone()) for xb, yb in a]
-    b = DeviceLoader(x, y, batch_size=20, shuffle=True, seed=99, augment=TrainAugment(4, True, RandAugment()))
+    b = DeviceLoader(x, y, batch_size=20, train=True, seed=99, augment=TrainAugment(4, True, RandAugment()))
     b.load_state_dict(state)
     for (xa, ya), (xb, yb) in zip(first, b):
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
@@ -128,7 +128,7 @@ def test_loader_state_restores_the_next_epoch():
 def test_loader_rejects_too_few_images():
     x, y = _indexed(10)
     with pytest.raises(ValueError, match="batch_size"):
-        DeviceLoader(x, y, batch_size=32, shuffle=True)
+        DeviceLoader(x, y, batch_size=32, train=True)
 
 
 def random_crop_flip(x, padding, flip, generator=None):

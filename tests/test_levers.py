@@ -114,15 +114,15 @@ def test_ema_follows_the_weights_with_its_decay(cifar, tmp_path):
 def test_ema_and_clean_accuracy_reach_the_csv_and_best_says_which_weights(cifar, tmp_path):
     t = Trainer(tiny(tmp_path, epochs=2, ema_decay=0.9, clean_train_images=64), cifar, **QUIET)
     train_all(t)
-    table = rows(t.paths["csv"])
+    table = rows(t.paths.csv)
     assert {"ema_test_loss", "ema_test_acc", "train_clean_acc"} <= set(table[0])
     best = max((float(r[c]), r["epoch"]) for r in table for c in ("test_acc", "ema_test_acc"))
     assert t.best_acc == pytest.approx(best[0])
-    saved = torch.load(t.paths["best"], weights_only=True)
-    assert saved["weights"] in ("raw", "ema") and saved["weights"] == t.best_weights
+    saved = torch.load(t.paths.best, weights_only=True)
+    assert saved["best_source"] in ("raw", "ema") and saved["best_source"] == t.best_source
     model, info = t.best_model()
     acc = t.confusion_matrix(model).diag().sum().item() / len(cifar.y_test)
-    assert acc == pytest.approx(info["test_acc"]) and info["weights"] == t.best_weights
+    assert acc == pytest.approx(info["test_acc"]) and info["source"] == t.best_source
     # Clean accuracy is the model on the first 64 training images, unaugmented.
     logits, labels, _ = t.predict(loader=t.clean_train_loader)
     assert len(labels) == 64
@@ -142,7 +142,7 @@ def test_resume_with_ema_is_bitwise_exact(cifar, tmp_path):
     for a, b in ((full.model, second.model), (full.ema.module, second.ema.module)):
         sa, sb = a.state_dict(), b.state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert without_time(rows(full.paths["csv"])) == without_time(rows(second.paths["csv"]))
+    assert without_time(rows(full.paths.csv)) == without_time(rows(second.paths.csv))
 
 
 # --- patch size 2 ------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def test_patch_size_2_runs_end_to_end(cifar, tmp_path):
     t = Trainer(tiny(tmp_path, epochs=1, patch_size=2, dim=16, heads=2), cifar, **QUIET)
     assert t.model.num_patches == 256 and t.model.pos_embed.shape == (1, 257, 16)
     train_all(t)
-    assert math.isfinite(float(rows(t.paths["csv"])[0]["test_loss"]))
+    assert math.isfinite(float(rows(t.paths.csv)[0]["test_loss"]))
 
 
 def test_patch_size_2_compute_per_image():

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import write_fake_cifar10
@@ -16,7 +17,7 @@ NOTEBOOK = ROOT / "dyt_cifar10.ipynb"
 REQUIRED_PARAMETERS = {
     "epochs", "batch_size", "dim", "depth", "heads", "norm", "seed", "device", "data_dir", "checkpoint_dir",
     "log_dir", "plot_dir", "train_subset", "test_subset", "compile", "overrides", "run_name", "lr", "download",
-    "compare_seeds", "show_progress",
+    "compare_seeds", "progress",
 }  # fmt: skip
 
 
@@ -76,7 +77,7 @@ def test_notebook_trains_then_resumes(tmp_path):
         checkpoint_dir=str(tmp_path / "checkpoint"),
         log_dir=str(tmp_path / "log"),
         plot_dir=str(tmp_path / "plots"),
-        show_progress=False,
+        progress="lines",
     )
     first = _execute(tmp_path, "first", epochs=2, **common)
     assert "starting fresh" in _text(first) and "finished: 2 of 2 epochs trained" in _text(first)
@@ -97,8 +98,9 @@ def test_notebook_trains_then_resumes(tmp_path):
     rows = read_csv(csv_path)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[:2] == rows_before  # continued, not redone
     assert "resumed from" in (tmp_path / "log" / "dyt_cifar10.log").read_text()
-    for twin in ("dyt_cifar10_norm-dyt_seed-0", "dyt_cifar10_norm-ln_seed-0"):  # the comparison's own runs
-        assert [r["epoch"] for r in read_csv(tmp_path / "log" / f"{twin}.csv")] == ["1", "2", "3"]
+    # The comparison reuses the run above (DyT, seed 0) and trains only its LayerNorm twin.
+    assert [r["epoch"] for r in read_csv(tmp_path / "log" / "dyt_cifar10_norm-ln_seed-0.csv")] == ["1", "2", "3"]
+    assert not (tmp_path / "log" / "dyt_cifar10_norm-dyt_seed-0.csv").exists()
     assert (tmp_path / "plots" / "dyt_cifar10_norms.png").read_bytes()[:4] == b"\x89PNG"
     assert "per group (mean and std over seeds)" in text
 
@@ -121,10 +123,12 @@ from training import Trainer, load_data
 cfg = Config(epochs=3, dim=16, depth=1, heads=2, batch_size=10, device="cpu", data_dir={str(data)!r},
              checkpoint_dir={str(tmp_path / "ck")!r}, log_dir={str(tmp_path / "log")!r},
              plot_dir={str(tmp_path / "p")!r})
-trainer = Trainer(cfg, load_data(cfg), show_progress=False)
+trainer = Trainer(cfg, load_data(cfg), progress="off")
 real_step = trainer.train_step
 def slow_step(x, t):
-    time.sleep(0.1)
+    if trainer.step == 35:  # into epoch 2 (30 steps an epoch): tell the test, then give it time to interrupt
+        open({str(tmp_path / "in_epoch_2")!r}, "w").close()
+    time.sleep(0.1 if trainer.step >= 35 else 0)
     return real_step(x, t)
 trainer.train_step = slow_step
 """
@@ -132,7 +136,8 @@ trainer.train_step = slow_step
     try:
         assert kc.execute_interactive(setup, timeout=120)["content"]["status"] == "ok"
         msg_id = kc.execute(loop)
-        time.sleep(4.5)  # 30 steps per epoch of 0.1 s: into epoch 2
+        while not (tmp_path / "in_epoch_2").exists():
+            time.sleep(0.05)
         km.interrupt_kernel()
         reply = kc.get_shell_msg(timeout=60)
         assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["status"] == "error"
@@ -162,10 +167,46 @@ def test_every_parameter_parses():
 def test_config_from_parameters_takes_fields_then_overrides(tmp_path):
     from config import config_from_parameters
 
-    params = {"epochs": 7, "lr": 0.001, "mount_drive": True, "checkpoint_dir": "", "log_dir": "/x/log"}
+    params = {"epochs": 7, "lr": 0.001, "checkpoint_dir": "", "log_dir": "/x/log"}
     cfg = config_from_parameters(params, '{"lr": 0.002, "run_name": "sweep1"}', tmp_path)
     assert (cfg.epochs, cfg.lr, cfg.name) == (7, 0.002, "sweep1")
     assert cfg.checkpoint_dir == str(tmp_path / "checkpoint") and cfg.log_dir == "/x/log"
+    with pytest.raises(ValueError, match="'mount_drive'"):  # the dict holds Config fields only
+        config_from_parameters({**params, "mount_drive": True})
+
+
+def test_compare_seeds_parse_like_overrides_before_training():
+    from config import parse_seeds
+
+    assert parse_seeds("[0, 1, 2]") == parse_seeds([0, 1, 2]) == [0, 1, 2] and parse_seeds("") == []
+    for bad in ("[", "[0, 0]", '["a"]', "[-1]", 3):
+        with pytest.raises(ValueError, match="compare_seeds"):
+            parse_seeds(bad)
+
+
+def test_every_parameter_reaches_the_config_or_the_notebook():
+    # Each name in the parameters cell is passed to the config (a Config field) or read by a later cell.
+    import dataclasses
+
+    from config import Config
+
+    tagged = next(c for c in _cells() if "parameters" in c.get("metadata", {}).get("tags", []))
+    namespace: dict = {}
+    exec("".join(tagged["source"]), namespace)
+    names = {k for k in namespace if not k.startswith("__")}
+    later = [ast.parse("".join(c["source"])) for c in _cells() if c["cell_type"] == "code" and c is not tagged]
+    read = {n.id for tree in later for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    passed = {
+        k.arg
+        for tree in later
+        for call in ast.walk(tree)
+        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "dict"
+        for k in call.keywords
+        if isinstance(k.value, ast.Name) and k.value.id == k.arg
+    }
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert names & fields <= passed, sorted((names & fields) - passed)
+    assert names <= read, sorted(names - read)
 
 
 def test_overrides_reach_the_saved_config_and_file_names_and_unknown_keys_stop(tmp_path):
@@ -175,7 +216,7 @@ def test_overrides_reach_the_saved_config_and_file_names_and_unknown_keys_stop(t
     common = dict(
         dim=16, depth=1, heads=2, batch_size=50, epochs=1, device="cpu", data_dir=str(data),
         checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "log"), plot_dir=str(tmp_path / "plots"),
-        show_progress=False,
+        progress="lines",
     )  # fmt: skip
     nb = _execute(
         tmp_path, "overrides", overrides={"run_name": "big", "randaug_magnitude": 5, "ema_decay": 0.9}, **common

@@ -16,9 +16,11 @@ import pytest
 import torch
 
 import run_files
+import run_lock
 from conftest import QUIET, rows, tiny, train_all, without_time
 from data import CorruptDatasetError, ensure_cifar10, read_batch
-from run_files import CheckpointError, RunLock, RunLockedError
+from run_files import CheckpointError
+from run_lock import RunLock, RunLockedError
 from training import DivergenceError, Trainer, lr_at
 
 
@@ -50,10 +52,10 @@ def test_interrupted_epoch_is_restored_from_the_checkpoint_not_continued(cifar, 
     assert t.step == full.step == 3 * t.steps_per_epoch
     a, b = full.model.state_dict(), t.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert without_time(rows(full.paths["csv"])) == without_time(rows(t.paths["csv"]))
-    state = torch.load(t.paths["latest"], weights_only=True)
+    assert without_time(rows(full.paths.csv)) == without_time(rows(t.paths.csv))
+    state = torch.load(t.paths.latest, weights_only=True)
     assert state["step"] == state["epoch"] * t.steps_per_epoch
-    assert "restored after an interrupted epoch" in t.paths["log"].read_text()
+    assert "restored after an interrupted epoch" in t.paths.log.read_text()
 
 
 def test_run_epoch_on_an_interrupted_trainer_restores_first(cifar, tmp_path, monkeypatch):
@@ -64,15 +66,15 @@ def test_run_epoch_on_an_interrupted_trainer_restores_first(cifar, tmp_path, mon
     with pytest.raises(RuntimeError):
         t.run_epoch(2)
     t.run_epoch(2)  # restores epoch 1's checkpoint, then trains epoch 2 from its start
-    assert t.step == 2 * t.steps_per_epoch and [r["epoch"] for r in rows(t.paths["csv"])] == ["1", "2"]
+    assert t.step == 2 * t.steps_per_epoch and [r["epoch"] for r in rows(t.paths.csv)] == ["1", "2"]
 
 
 # Row 2: a fresh start never overwrites an earlier run's best.
 def test_advice_of_the_corrupt_latest_error_keeps_best(cifar, tmp_path):
     t = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
     train_all(t)
-    best_bytes = t.paths["best"].read_bytes()
-    latest = t.paths["latest"]
+    best_bytes = t.paths.best.read_bytes()
+    latest = t.paths.latest
     latest.write_bytes(latest.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="Move it away to start this run afresh") as info:
         Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET).resume()
@@ -83,7 +85,7 @@ def test_advice_of_the_corrupt_latest_error_keeps_best(cifar, tmp_path):
     train_all(fresh)
     aside = list((tmp_path / "checkpoint").glob("dyt_cifar10_best.*.orphaned.pth"))
     assert len(aside) == 1 and aside[0].read_bytes() == best_bytes
-    assert fresh.paths["best"].exists() and fresh.paths["best"].read_bytes() != best_bytes
+    assert fresh.paths.best.exists() and fresh.paths.best.read_bytes() != best_bytes
 
 
 # Row 3: divergence stops the run; a non-finite model is never saved or scored.
@@ -91,25 +93,25 @@ def test_nan_loss_stops_with_epoch_step_and_last_good_checkpoint(cifar, tmp_path
     t = Trainer(tiny(tmp_path, epochs=3), cifar, **QUIET)
     t.resume()
     t.run_epoch(1)
-    t.writer.wait()
-    latest, best = t.paths["latest"].read_bytes(), t.paths["best"].read_bytes()
+    t.files.wait_for_saves()
+    latest, best = t.paths.latest.read_bytes(), t.paths.best.read_bytes()
     with torch.no_grad():
         t.model.head.weight[0, 0] = float("nan")
     with pytest.raises(DivergenceError) as info:
         t.run_epoch(2)
     msg = str(info.value)
-    assert "epoch 2" in msg and f"step {t.steps_per_epoch + 1}" in msg and str(t.paths["latest"]) in msg
+    assert "epoch 2" in msg and f"step {t.steps_per_epoch + 1}" in msg and str(t.paths.latest) in msg
     assert "(epoch 1)" in msg and "another run_name" in msg
-    assert t.paths["latest"].read_bytes() == latest and t.paths["best"].read_bytes() == best
-    assert [r["epoch"] for r in rows(t.paths["csv"])] == ["1"]
-    assert "DIVERGED" in t.paths["log"].read_text()
+    assert t.paths.latest.read_bytes() == latest and t.paths.best.read_bytes() == best
+    assert [r["epoch"] for r in rows(t.paths.csv)] == ["1"]
+    assert "DIVERGED" in t.paths.log.read_text()
 
 
 def test_a_huge_learning_rate_diverges_instead_of_saving_nan_weights(cifar, tmp_path):
     t = Trainer(tiny(tmp_path, epochs=2, lr=1e30, min_lr=0.0, grad_clip=0.0, warmup_epochs=0), cifar, **QUIET)
     with pytest.raises(DivergenceError, match="epoch 1"):
         train_all(t)
-    assert not t.paths["latest"].exists() and not t.paths["best"].exists()
+    assert not t.paths.latest.exists() and not t.paths.best.exists()
 
 
 # Row 4: one writer per run.
@@ -117,7 +119,7 @@ def test_second_process_on_the_same_run_is_refused_until_the_holder_dies(cifar, 
     cfg = tiny(tmp_path, epochs=1)
     lock_path = tmp_path / "checkpoint" / "dyt_cifar10.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, time; sys.path[:0] = {sys.path!r}; from run_files import RunLock; "
+        [sys.executable, "-c", f"import sys, time; sys.path[:0] = {sys.path!r}; from run_lock import RunLock; "
          f"lock = RunLock({str(lock_path)!r}); lock.acquire(); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -132,7 +134,7 @@ def test_second_process_on_the_same_run_is_refused_until_the_holder_dies(cifar, 
         holder.wait()
     t = Trainer(cfg, cifar, **QUIET)  # the holder was SIGKILLed: its stale lock is taken over
     train_all(t)
-    assert [r["epoch"] for r in rows(t.paths["csv"])] == ["1"]
+    assert [r["epoch"] for r in rows(t.paths.csv)] == ["1"]
 
 
 def test_a_newer_trainer_takes_over_and_the_old_one_writes_nothing(cifar, tmp_path):
@@ -143,7 +145,7 @@ def test_a_newer_trainer_takes_over_and_the_old_one_writes_nothing(cifar, tmp_pa
     with pytest.raises(RunLockedError, match="no longer holds"):
         old.run_epoch(1)
     train_all(new)
-    assert [r["epoch"] for r in rows(new.paths["csv"])] == ["1", "2"]
+    assert [r["epoch"] for r in rows(new.paths.csv)] == ["1", "2"]
 
 
 def test_lock_from_another_host_is_stale_only_after_its_heartbeat_expires(tmp_path, monkeypatch):
@@ -151,7 +153,7 @@ def test_lock_from_another_host_is_stale_only_after_its_heartbeat_expires(tmp_pa
     path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "token": "x", "heartbeat": time.time()}))
     with pytest.raises(RunLockedError, match="elsewhere"):
         RunLock(path).acquire()
-    monkeypatch.setattr(run_files, "LOCK_STALE_SECONDS", 0)
+    monkeypatch.setattr(run_lock, "STALE_SECONDS", 0)
     RunLock(path).acquire()
 
 
@@ -161,7 +163,7 @@ def test_resuming_a_bf16_run_with_fp16_works(cifar, tmp_path):
     t = Trainer(tiny(tmp_path, epochs=2, amp="fp16"), cifar, **QUIET)
     assert t.resume() == 1 and t.scaler.is_enabled()
     train_all(t)
-    assert [r["epoch"] for r in rows(t.paths["csv"])] == ["1", "2"]
+    assert [r["epoch"] for r in rows(t.paths.csv)] == ["1", "2"]
 
 
 # Row 6: nothing in a data file can run code.
@@ -187,13 +189,13 @@ def test_a_data_file_cannot_run_code(fake_cifar, tmp_path):
 def test_flipped_bytes_in_latest_are_detected(cifar, tmp_path):
     t = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
     train_all(t)
-    data = bytearray(t.paths["latest"].read_bytes())
+    data = bytearray(t.paths.latest.read_bytes())
     middle = len(data) // 2
     data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
-    t.paths["latest"].write_bytes(bytes(data))
+    t.paths.latest.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="CRC") as info:
         Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET).resume()
-    assert str(t.paths["latest"]) in str(info.value)
+    assert str(t.paths.latest) in str(info.value)
 
 
 # Row 8: temp files of a killed save are cleaned when the run starts.
@@ -207,7 +209,7 @@ def test_stale_temp_files_of_this_run_are_removed(cifar, tmp_path):
     t = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
     t.resume()
     assert not ours.exists() and theirs.exists()
-    assert "removed 1 temp file" in t.paths["log"].read_text()
+    assert "removed 1 temp file" in t.paths.log.read_text()
 
 
 # Row 9: a full disk is named as such.
@@ -215,8 +217,8 @@ def test_full_disk_says_which_folder_and_how_much_space(cifar, tmp_path, monkeyp
     t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
     t.resume()
     t.run_epoch(1)
-    t.writer.wait()
-    latest = t.paths["latest"].read_bytes()
+    t.files.wait_for_saves()
+    latest = t.paths.latest.read_bytes()
 
     def full_disk(obj, f):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 810880 vs 810768")
@@ -228,15 +230,33 @@ def test_full_disk_says_which_folder_and_how_much_space(cifar, tmp_path, monkeyp
     msg = str(info.value)
     assert info.value.errno == errno.ENOSPC and "full" in msg and str(tmp_path / "checkpoint") in msg
     assert "needs about" in msg and "MiB free" in msg
-    assert t.paths["latest"].read_bytes() == latest and not run_files.temp_files(t.paths["latest"])
+    assert t.paths.latest.read_bytes() == latest and not run_files.temp_files(t.paths.latest)
 
 
-# Row 10: best copied over latest.
-def test_best_copied_over_latest_gets_a_clear_message(cifar, tmp_path):
+# Row 10: best copied over latest. The best file is a copy of the latest of its epoch, so it resumes
+# from there; a weights-only best file of an earlier version gets a clear message.
+def test_best_copied_over_latest_resumes_from_its_epoch(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    t.resume()
+    t.run_epoch(1)
+    t.files.wait_for_saves()
+    assert t.paths.best.read_bytes() == t.paths.latest.read_bytes()
+    t.run_epoch(2)
+    t.close()
+    best = torch.load(t.paths.best, weights_only=True)
+    shutil.copy(t.paths.best, t.paths.latest)
+    again = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    assert again.resume() == best["epoch"] and again.best_acc == best["best_acc"]
+
+
+def test_a_weights_only_best_of_an_earlier_version_copied_over_latest_gets_a_clear_message(cifar, tmp_path):
     t = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
     train_all(t)
-    shutil.copy(t.paths["best"], t.paths["latest"])
-    with pytest.raises(CheckpointError, match="best-model checkpoint") as info:
+    t.close()
+    old_best = {"format": 1, "config": t.cfg.to_dict(), "model": t.model.state_dict(), "weights": "raw", "epoch": 1,
+                "test_acc": 0.5}  # fmt: skip
+    torch.save(old_best, t.paths.latest)
+    with pytest.raises(CheckpointError, match="best-model checkpoint of an earlier version") as info:
         Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET).resume()
     assert "cannot resume" in str(info.value) and "another run_name" in str(info.value)
 
@@ -246,16 +266,16 @@ def test_nul_line_in_the_csv_is_dropped_and_logged(cifar, tmp_path):
     t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
     t.resume()
     t.run_epoch(1)
-    t.writer.wait()
-    with open(t.paths["csv"], "ab") as f:
+    t.files.wait_for_saves()
+    with open(t.paths.csv, "ab") as f:
         f.write(b"\0" * 300 + b"\n")
     again = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
     assert again.resume() == 1
     train_all(again)
-    assert [r["epoch"] for r in rows(again.paths["csv"])] == ["1", "2"]
-    assert "dropped 1 damaged CSV line" in again.paths["log"].read_text()
-    assert b"\0" not in again.paths["csv"].read_bytes()
-    assert list(csv.reader(open(again.paths["csv"])))[0][0] == "epoch"
+    assert [r["epoch"] for r in rows(again.paths.csv)] == ["1", "2"]
+    assert "dropped 1 damaged CSV line" in again.paths.log.read_text()
+    assert b"\0" not in again.paths.csv.read_bytes()
+    assert list(csv.reader(open(again.paths.csv)))[0][0] == "epoch"
 
 
 # Row 13: data_dir pointing at a file.
@@ -279,7 +299,7 @@ def test_unwritable_checkpoint_folder_is_refused_before_training(cifar, tmp_path
 # Row 16: lowering epochs is defined and said.
 def test_lowering_epochs_is_said_on_screen_and_in_status(cifar, tmp_path, capsys):
     train_all(Trainer(tiny(tmp_path, epochs=3), cifar, **QUIET))
-    lower = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    lower = Trainer(tiny(tmp_path, epochs=2), cifar, progress="lines")
     assert lower.resume() == 3 and list(lower.remaining_epochs()) == []
     out = capsys.readouterr().out
     assert "epochs changed from 3 to 2" in out and "nothing left to train" in out
@@ -290,7 +310,7 @@ def test_lowering_epochs_mid_run_redraws_the_cosine(cifar, tmp_path, capsys):
     t = Trainer(tiny(tmp_path, epochs=4), cifar, **QUIET)
     t.resume()
     t.run_epoch(1)
-    shorter = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    shorter = Trainer(tiny(tmp_path, epochs=2), cifar, progress="lines")
     assert list(shorter.remaining_epochs()) == [2]
     assert "re-drawn for 2 epochs" in capsys.readouterr().out
     row = shorter.run_epoch(2)

@@ -29,10 +29,16 @@ def test_summary_values(tmp_path):
     assert s["minutes"] == pytest.approx(7 * 36 / 60) and s["train_clean_acc"] == pytest.approx(82)
 
 
-def test_summary_takes_the_better_of_raw_and_ema_weights(tmp_path):
-    s = summarize_run(_csv(tmp_path, [0.5, 0.6], ema=[0.55, 0.58]))
-    assert s["final_acc"] == pytest.approx(60) and s["last5_acc"] == pytest.approx((55 + 60) / 2)
+def test_summary_scores_raw_and_ema_weights_apart(tmp_path):
+    s = summarize_run(_csv(tmp_path, [0.5, 0.6, 0.4], ema=[0.55, 0.58, 0.57]))
+    assert s["final_acc"] == pytest.approx(40) and s["last5_acc"] == pytest.approx(50)
+    assert s["best_acc"] == pytest.approx(60) and s["best_epoch"] == 2
+    assert s["ema_final_acc"] == pytest.approx(57) and s["ema_last5_acc"] == pytest.approx(170 / 3)
+    assert s["ema_best_acc"] == pytest.approx(58) and s["ema_best_epoch"] == 2
     assert math.isnan(s["train_clean_acc"])
+    assert (
+        "ema_last5_acc" not in summarize_run(_csv(tmp_path / "raw", [0.5])) if (tmp_path / "raw").mkdir() is None else 0
+    )
 
 
 def test_advice_fits_the_run(tmp_path):

@@ -1,24 +1,150 @@
-"""The training step's device-tensor inputs (lr, mixup lambda), compile modes with their fallback,
-and compile time kept apart from epoch time. The CUDA-graph path itself needs a GPU
-(bench/benchmark.py); what can be compared on a CPU is compared here."""
+"""The compiled step (step.py) tested directly: its device-tensor inputs, the ladder of compile modes
+with its fallback, compile time kept apart, the loss inside the compiled region, and evaluation's own
+fallback. The CUDA-graph path itself needs a GPU (bench/benchmark.py); what a CPU can compare is here."""
 
 import pytest
 import torch
 
-import run_files
+import step
 import training
 from conftest import QUIET, rows, tiny, train_all, without_time
+from step import CompiledStep, StepForward, compile_modes, soft_cross_entropy
 from training import Trainer
 
 
-def test_device_tensor_lr_and_lambda_give_the_same_run_as_floats(cifar, tmp_path):
-    cfg = dict(epochs=2, mixup_alpha=0.4, cutmix_alpha=1.0, warmup_epochs=1)
-    tensors = Trainer(tiny(tmp_path / "a", **cfg), cifar, **QUIET)
-    train_all(tensors)
-    assert isinstance(tensors.optimizer.param_groups[0]["lr"], torch.Tensor)
-    assert tensors.optimizer.param_groups[0]["lr"] is tensors.lr
+class FakeClock:
+    """``time`` for step.py: each reading is one second after the last."""
 
-    floats = Trainer(tiny(tmp_path / "b", **cfg), cifar, **QUIET)
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+class Broken(torch.nn.Module):
+    """What torch.compile returns when Inductor (or a graph capture) fails at the first call."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("inductor exploded\nlong traceback")
+
+
+def _parts(seed=0):
+    torch.manual_seed(seed)
+    model = training.build_model(training.Config(dim=16, depth=1, heads=2, drop_path=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x = torch.randn(8, 3, 32, 32)
+    targets = torch.softmax(torch.randn(8, 10), -1)
+    return model, optimizer, scaler, x, targets
+
+
+def _weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_compile_modes_try_graphs_first_only_when_compiling_on_cuda():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compile_modes(False, cuda, True) == []
+    assert compile_modes(True, cpu, True) == ["default"]
+    assert compile_modes(True, cuda, None) == ["reduce-overhead", "default"]
+    assert compile_modes(True, cuda, False) == ["default"]
+
+
+def test_a_failing_mode_falls_back_says_so_and_the_step_equals_an_eager_one(monkeypatch):
+    model, optimizer, scaler, x, targets = _parts()
+    eager = CompiledStep(model, optimizer, scaler, 1.0, None, [])
+    reference = eager(x, targets)
+    expected = _weights(model)
+
+    model, optimizer, scaler, x, targets = _parts()
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken())
+    compiled = CompiledStep(model, optimizer, scaler, 1.0, None, ["reduce-overhead", "default"])
+    out = compiled(x, targets)
+    assert out.note == (
+        "torch.compile(mode='reduce-overhead') failed (RuntimeError: inductor exploded); continuing with "
+        "mode='default'; torch.compile(mode='default') failed (RuntimeError: inductor exploded); continuing "
+        "with the model run eagerly"
+    )
+    assert compiled.mode is None and compiled.modes == [] and compiled.eval_models().model is model
+    assert torch.equal(out.loss, reference.loss) and out.correct == reference.correct
+    assert all(torch.equal(a, b) for a, b in zip(expected, _weights(model)))
+    assert compiled(x, targets).note == ""
+
+
+def test_an_error_after_the_optimizer_stepped_is_raised_not_taken_for_a_compile_failure(monkeypatch):
+    model, optimizer, scaler, x, targets = _parts()
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)
+    compiled = CompiledStep(model, optimizer, scaler, 1.0, None, ["default"])
+
+    def broken_update():
+        raise RuntimeError("the scaler broke")
+
+    monkeypatch.setattr(scaler, "update", broken_update)
+    with pytest.raises(RuntimeError, match="the scaler broke"):
+        compiled(x, targets)
+    assert compiled.mode == "default"
+
+
+def test_proof_steps_are_compile_time_and_later_steps_are_not(monkeypatch):
+    model, optimizer, scaler, x, targets = _parts()
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)
+    monkeypatch.setattr(step, "time", FakeClock())
+    compiled = CompiledStep(model, optimizer, scaler, 1.0, None, ["default"])
+    seconds = [compiled(x, targets).compile_seconds for _ in range(step.PROOF_STEPS + 2)]
+    assert seconds == [1.0] * step.PROOF_STEPS + [0.0, 0.0]
+    assert [CompiledStep(*_parts()[:3], 1.0, None, [])(x, targets).compile_seconds] == [0.0]  # eager: none
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_step_forward_equals_model_loss_and_metric_apart(amp):
+    torch.manual_seed(0)
+    model = training.build_model(training.Config(dim=32, depth=1, heads=2, drop_path=0.0))
+    x = torch.randn(8, 3, 32, 32)
+    targets = torch.softmax(torch.randn(8, 10), -1)
+    loss, correct = StepForward(model, "cpu", amp)(x, targets)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        logits = model(x)
+    apart = soft_cross_entropy(logits, targets)
+    apart.backward()
+    assert torch.equal(loss, apart) and loss.dtype == torch.float32
+    assert correct.item() == (logits.argmax(-1) == targets.argmax(-1)).sum().item()
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+def test_soft_cross_entropy_equals_hard_for_one_hot():
+    logits = torch.randn(5, 10)
+    y = torch.tensor([1, 2, 3, 4, 5])
+    torch.testing.assert_close(
+        soft_cross_entropy(logits, torch.nn.functional.one_hot(y, 10).float()),
+        torch.nn.functional.cross_entropy(logits, y),
+    )
+
+
+def test_compiled_step_forward_matches_eager():
+    # Inductor on the CPU: the loss and the metric inside the compiled region give the eager values.
+    torch.manual_seed(0)
+    model = training.build_model(training.Config(dim=32, depth=1, heads=2, drop_path=0.0)).eval()
+    x = torch.randn(8, 3, 32, 32)
+    targets = torch.softmax(4 * torch.randn(8, 10), -1)
+    eager = StepForward(model, "cpu", None)
+    compiled = torch.compile(eager, dynamic=False)
+    (loss, correct), (ref_loss, ref_correct) = compiled(x, targets), eager(x, targets)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5) and correct.item() == ref_correct.item()
+
+
+# --- through the trainer -------------------------------------------------------------------------
+
+
+def test_device_tensor_lr_and_lambda_give_the_same_run_as_floats(cifar, tmp_path, reference_runs):
+    tensors = reference_runs.get("mixup")
+    assert tensors.optimizer.param_groups[0]["lr"] is tensors.lr and isinstance(tensors.lr, torch.Tensor)
+
+    floats = Trainer(tiny(tmp_path / "b", **reference_runs.MIXUP), cifar, **QUIET)
     mixup = floats.mixup
 
     def set_lr(lr):
@@ -32,7 +158,7 @@ def test_device_tensor_lr_and_lambda_give_the_same_run_as_floats(cifar, tmp_path
     floats._set_lr = set_lr
     floats.mixup = mix_with_floats
     floats.resume()
-    for epoch in (1, 2):
+    for epoch in range(1, floats.cfg.epochs + 1):
         floats.train_epoch()
         floats.epoch = epoch
     a, b = tensors.model.state_dict(), floats.model.state_dict()
@@ -50,148 +176,75 @@ def test_lr_tensor_survives_a_resume(cifar, tmp_path):
     assert row["lr"] == pytest.approx(training.lr_at(again.step - 1, again.total_steps, again.warmup_steps, 1e-3, 1e-5))
 
 
-def test_a_failing_compile_falls_back_and_the_run_equals_an_eager_one(cifar, tmp_path, monkeypatch, capsys):
-    eager = Trainer(tiny(tmp_path / "eager", epochs=2), cifar, **QUIET)
-    train_all(eager)
-
-    class Broken(torch.nn.Module):  # what torch.compile returns when Inductor fails at the first call
-        def forward(self, *args, **kwargs):
-            raise RuntimeError("inductor exploded\nlong traceback")
-
-    def broken_compile(model, **kwargs):
-        return Broken()
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    t = Trainer(tiny(tmp_path / "compiled", epochs=2, compile=True), cifar, **QUIET)
-    assert t.compile_modes == ["default"] and t.compile_mode == "default"
+def test_a_failing_compile_is_said_once_and_the_run_equals_an_eager_one(
+    cifar, tmp_path, monkeypatch, capsys, reference_runs
+):
+    eager = reference_runs.get("default")
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken())
+    t = Trainer(tiny(tmp_path, compile=True), cifar, progress="lines")
+    assert t.compile_mode == "default"
     train_all(t)
     out = capsys.readouterr().out
-    assert (
-        "torch.compile(mode='default') failed (RuntimeError: inductor exploded); continuing with the model run eagerly"
-        in out
-    )
-    assert t.compile_mode is None and t.compiled_model is None
-    a, b = eager.model.state_dict(), t.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert without_time(rows(eager.paths["csv"])) == without_time(rows(t.paths["csv"]))
+    assert out.count("torch.compile(mode='default') failed (RuntimeError: inductor exploded)") == 1
+    assert t.compile_mode is None
+    reference_runs.assert_same_run(eager, t)
 
 
-def test_graphs_are_tried_first_only_when_compiling_on_cuda(cifar, tmp_path):
-    assert Trainer(tiny(tmp_path, compile=False, cuda_graphs=True), cifar, **QUIET).compile_modes == []
-    t = Trainer(tiny(tmp_path, compile=True, cuda_graphs=True), cifar, **QUIET)
-    assert t.compile_modes == ["default"]  # a CPU: no CUDA graphs
-    if torch.cuda.is_available():
-        gpu = tiny(tmp_path, compile=True, device="cuda")
-        assert Trainer(gpu, training.load_data(gpu), **QUIET).compile_modes == ["reduce-overhead", "default"]
+def _compile_with_broken_eval(broken_eval):
+    """A torch.compile stand-in: the training step runs eagerly, the model compiled for evaluation is
+    ``broken_eval(module)``."""
+
+    def fake(module, **kwargs):
+        step_or_augment = isinstance(module, StepForward) or not isinstance(module, torch.nn.Module)
+        return module if step_or_augment else broken_eval(module)
+
+    return fake
 
 
-def test_compile_time_is_kept_apart_from_epoch_time(cifar, tmp_path, monkeypatch):
-    t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
-    t._use_compile_mode("default")  # as if compiling; the model itself runs eagerly below
-    t.compiled_model = t.forward_model = t.model
-    t.step_forward = training.StepForward(t.model, "cpu", None)
-    real = t._step
-
-    def slow_first_steps(x, targets):
-        if t._unproven_steps:
-            import time
-
-            time.sleep(0.2)
-        return real(x, targets)
-
-    monkeypatch.setattr(t, "_step", slow_first_steps)
+def test_a_failing_compiled_evaluation_goes_on_eagerly_and_training_stays_compiled(
+    cifar, tmp_path, monkeypatch, capsys
+):
+    overrides = dict(epochs=2, ema_decay=0.9)
+    eager = Trainer(tiny(tmp_path / "eager", **overrides), cifar, **QUIET)
+    train_all(eager)
+    monkeypatch.setattr(torch, "compile", _compile_with_broken_eval(lambda m: Broken()))
+    t = Trainer(tiny(tmp_path / "compiled", compile=True, **overrides), cifar, progress="lines")
     train_all(t)
-    first, second = rows(t.paths["csv"])
-    assert float(first["compile_seconds"]) >= 3 * 0.2 and float(first["train_seconds"]) < 0.6
-    assert float(second["compile_seconds"]) == 0.0
-    assert t.compile_seconds >= 0.6
+    out = capsys.readouterr().out
+    assert out.count("note: the compiled evaluation failed (RuntimeError: inductor exploded)") == 1
+    assert t.compile_mode == "default" and t.compiled_step.eval_models() == (t.model, t.ema.module)
+    assert without_time(rows(eager.paths.csv)) == without_time(rows(t.paths.csv))
 
 
-def test_a_csv_from_an_older_version_gains_the_new_columns(tmp_path):
-    path = tmp_path / "run.csv"
-    run_files.append_csv(path, {"epoch": 1, "test_acc": 0.5, "epoch_seconds": 3.0})
-    run_files.append_csv(path, {"epoch": 2, "test_acc": 0.6, "train_seconds": 2.0})
-    table = rows(path)
-    assert list(table[0]) == ["epoch", "test_acc", "epoch_seconds", "train_seconds"]
-    assert table[0] == {"epoch": "1", "test_acc": "0.5", "epoch_seconds": "3.0", "train_seconds": ""}
-    assert table[1] == {"epoch": "2", "test_acc": "0.6", "epoch_seconds": "", "train_seconds": "2.0"}
-    run_files.append_csv(path, {"epoch": 3, "test_acc": 0.7, "train_seconds": 2.0})
-    assert [r["epoch"] for r in rows(path)] == ["1", "2", "3"]
+def test_an_evaluation_error_after_the_first_is_raised(cifar, tmp_path, monkeypatch):
+    failing = []
+
+    class FailsLater(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            if failing:
+                raise RuntimeError("out of memory")
+            return self.inner(x)
+
+    monkeypatch.setattr(torch, "compile", _compile_with_broken_eval(FailsLater))
+    t = Trainer(tiny(tmp_path, epochs=2, compile=True), cifar, **QUIET)
+    t.resume()
+    t.run_epoch(1)
+    failing.append(True)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        t.run_epoch(2)
 
 
 def test_a_really_compiled_run_counts_its_compile_time_once(cifar, tmp_path):
     # torch.compile with Inductor on the CPU (a C++ compiler is needed): the compiled path end to end.
     t = Trainer(tiny(tmp_path, epochs=2, compile=True, ema_decay=0.9), cifar, **QUIET)
     train_all(t)
-    assert t.compile_mode == "default" and t.compiled_model is not None and t.augment.compiled is not None
-    first, second = rows(t.paths["csv"])
+    assert t.compile_mode == "default" and t.augment.compiled is not None
+    assert t.compiled_step.eval_models().model is not t.model  # evaluation ran compiled
+    first, second = rows(t.paths.csv)
     assert float(first["compile_seconds"]) > 0 and float(second["compile_seconds"]) == 0.0
     assert float(first["compile_seconds"]) == pytest.approx(t.compile_seconds)
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
-
-
-@pytest.mark.parametrize("amp", [None, torch.bfloat16])
-def test_step_forward_equals_model_loss_and_metric_apart(amp):
-    torch.manual_seed(0)
-    model = training.build_model(training.Config(dim=32, depth=1, heads=2, drop_path=0.0))
-    x = torch.randn(8, 3, 32, 32)
-    targets = torch.softmax(torch.randn(8, 10), -1)
-    loss, correct = training.StepForward(model, "cpu", amp)(x, targets)
-    loss.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-        logits = model(x)
-    apart = training.soft_cross_entropy(logits, targets)
-    apart.backward()
-    assert torch.equal(loss, apart) and loss.dtype == torch.float32
-    assert correct.item() == (logits.argmax(-1) == targets.argmax(-1)).sum().item()
-    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
-
-
-def test_compiled_step_forward_matches_eager():
-    # Inductor on the CPU: the loss and the metric inside the compiled region give the eager values.
-    torch.manual_seed(0)
-    model = training.build_model(training.Config(dim=32, depth=1, heads=2, drop_path=0.0)).eval()
-    x = torch.randn(8, 3, 32, 32)
-    targets = torch.softmax(4 * torch.randn(8, 10), -1)
-    eager = training.StepForward(model, "cpu", None)
-    compiled = torch.compile(eager, dynamic=False)
-    (loss, correct), (ref_loss, ref_correct) = compiled(x, targets), eager(x, targets)
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5) and correct.item() == ref_correct.item()
-
-
-def test_a_failing_compiled_evaluation_goes_on_eagerly_and_training_stays_compiled(cifar, tmp_path, capsys):
-    eager = Trainer(tiny(tmp_path / "eager", epochs=2, ema_decay=0.9), cifar, **QUIET)
-    train_all(eager)
-
-    class BrokenEval(torch.nn.Module):  # a compiled eval graph that fails at its first call
-        def forward(self, *args, **kwargs):
-            raise RuntimeError("cudagraph capture failed\ntraceback")
-
-    t = Trainer(tiny(tmp_path / "compiled", epochs=2, ema_decay=0.9), cifar, **QUIET)
-    t._use_compile_mode("default")  # as if compiling: the step runs eagerly, evaluation hits the broken graph
-    t.step_forward = training.StepForward(t.model, "cpu", None)
-    t.forward_model, t.compiled_ema = BrokenEval(), BrokenEval()
-    train_all(t)
-    out = capsys.readouterr().out
-    assert out.count("note: the compiled evaluation failed (RuntimeError: cudagraph capture failed)") == 1
-    assert t.compile_mode == "default" and t.forward_model is t.model and t.compiled_ema is None
-    assert without_time(rows(eager.paths["csv"])) == without_time(rows(t.paths["csv"]))
-
-
-def test_an_evaluation_error_after_the_first_is_raised(cifar, tmp_path):
-    t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
-    t._use_compile_mode("default")  # as if compiling; everything runs eagerly, the first evaluation works
-    t.compiled_model = t.forward_model = t.model
-    t.step_forward = training.StepForward(t.model, "cpu", None)
-    t.resume()
-    t.run_epoch(1)
-
-    class Broken(torch.nn.Module):
-        def forward(self, *args, **kwargs):
-            raise RuntimeError("out of memory")
-
-    t.forward_model = Broken()
-    with pytest.raises(RuntimeError, match="out of memory"):
-        t.run_epoch(2)

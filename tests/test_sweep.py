@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+import run_files
 import sweep
 from config import Config
 from conftest import rows, write_fake_cifar10
+from run_files import RunPaths
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +45,7 @@ def test_grid_names_each_run_after_its_overrides():
 def test_tiny_sweep_table_group_statistics_and_plot(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
     runs = sweep.grid(_base(tmp_path, data), {"norm": ["dyt", "ln"], "seed": [0, 1]})
-    table = sweep.run_sweep(runs, per_gpu=2, name="norms", quiet=True)
+    table = sweep.run_sweep(runs, per_gpu=2, name="norms", progress="off")
     assert list(table["status"]) == ["finished"] * 4 and list(table["epochs"]) == [2] * 4
     for cfg, _ in runs:
         accs = [100 * float(r["test_acc"]) for r in rows(Path(cfg.log_dir) / f"{cfg.name}.csv")]
@@ -59,7 +61,7 @@ def test_tiny_sweep_table_group_statistics_and_plot(tmp_path):
     assert (tmp_path / "plots" / "norms.png").read_bytes()[:4] == b"\x89PNG"
     # Run again: everything is finished, nothing is trained.
     before = {c.name: (Path(c.log_dir) / f"{c.name}.csv").read_bytes() for c, _ in runs}
-    again = sweep.run_sweep(runs, per_gpu=2, name="norms", quiet=True)
+    again = sweep.run_sweep(runs, per_gpu=2, name="norms", progress="off")
     assert list(again["status"]) == ["finished"] * 4
     assert before == {c.name: (Path(c.log_dir) / f"{c.name}.csv").read_bytes() for c, _ in runs}
 
@@ -68,7 +70,7 @@ def test_one_failing_run_does_not_stop_the_others(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
     base = _base(tmp_path, data, epochs=1, lr=1e30, min_lr=0.0, grad_clip=0.0, warmup_epochs=0)
     runs = sweep.grid(base, {"norm": ["dyt"], "lr": [1e30, 1e-3]})
-    table = sweep.run_sweep(runs, per_gpu=2, name="mixed", quiet=True)
+    table = sweep.run_sweep(runs, per_gpu=2, name="mixed", progress="off")
     status = dict(zip(table["run_name"], table["status"]))
     assert status[runs[0][0].name] == "diverged" and status[runs[1][0].name] == "finished"
     assert "diverged" in table[table["status"] == "diverged"].iloc[0]["error"]
@@ -124,21 +126,30 @@ def test_listed_runs_cross_the_grid_and_clashes_are_refused():
 def test_listed_runs_table_fills_fields_from_the_config_and_reports_unfinished_runs(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
     runs = sweep.expand(_base(tmp_path, data, epochs=2), [{}, {"pool": "gap"}, {"pool": "gap", "ema_decay": 0.9}])
-    table = sweep.run_sweep(runs, per_gpu=3, name="recipes", quiet=True)
+    table = sweep.run_sweep(runs, per_gpu=3, name="recipes", progress="off")
     assert list(table["status"]) == ["finished"] * 3
     assert list(table["pool"]) == ["cls", "gap", "gap"]  # the base config's value where a run left it alone
     assert list(table["ema_decay"]) == [Config().ema_decay, Config().ema_decay, 0.9]
     assert len(table.attrs["groups"]) == 3 and list(table.attrs["groups"]["runs"]) == [1, 1, 1]
-    # A run killed between its last CSV row and its result file: reported from its CSV, kept out of the groups.
-    sweep.result_path(runs[1][0]).unlink()
+    # A run killed after its first epoch: reported from its CSV, kept out of the groups.
+    paths = RunPaths.of(runs[1][0])
+    paths.result.unlink()
+    run_files.repair_csv(paths.csv, 1, [])
     again = sweep.write_results(runs, "recipes")
     row = again[again["run_name"] == runs[1][0].name].iloc[0]
-    assert row["status"] == "unfinished" and row["epochs"] == 2
-    accs = [100 * float(r["test_acc"]) for r in rows(tmp_path / "log" / f"{runs[1][0].name}.csv")]
-    assert row["final_acc"] == pytest.approx(accs[-1])
+    assert row["status"] == "unfinished" and row["epochs"] == 1
+    accs = [100 * float(r["test_acc"]) for r in rows(paths.csv)]
+    assert len(accs) == 1 and row["final_acc"] == pytest.approx(accs[-1])
     assert list(again.attrs["groups"]["runs"]) == [1, 1]
     written = (tmp_path / "log" / "recipes_runs.csv").read_text()
     assert "unfinished" in written and written.count("finished") == 3
+    # The same sweep asked again with another shared setting: those files are not this config's results.
+    other = sweep.expand(_base(tmp_path, data, epochs=2, lr=2e-3), [{}, {"pool": "gap"}])
+    before = paths.csv.read_bytes()
+    with pytest.raises(ValueError, match=r"2 run\(s\) of this sweep already have files from another config") as info:
+        sweep.run_sweep(other, per_gpu=3, name="recipes", progress="off")
+    assert "lr 0.001 there, 0.002 now" in str(info.value) and runs[1][0].name in str(info.value)
+    assert paths.csv.read_bytes() == before  # nothing trained
 
 
 def test_command_line_table_only_and_bad_input(tmp_path):

@@ -1,0 +1,71 @@
+"""What a training run shows while it runs: lines on screen and in the log, progress bars, and the
+time estimates (the CPU estimate after the first steps, time left on every epoch line)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import utils
+
+MODES = ("bars", "lines", "off")  # progress bars and lines / a line per epoch (headless) / nothing on screen
+PROGRESS_EVERY = 50  # steps between progress-bar updates: the only host syncs inside an epoch
+CPU_ESTIMATE_STEPS = 3  # steps timed on a CPU before the first estimate of the time per epoch
+
+
+class Console:
+    """Says lines (screen and log) and draws the bars of one trainer.
+
+    Args:
+        mode: one of ``MODES``.
+        log: writes a line to the run's text log (every line goes there, whatever the mode).
+    """
+
+    def __init__(self, mode: str, log: Callable[[str], None]):
+        assert mode in MODES, mode
+        self.mode = mode
+        self.log = log
+        self.epoch_seconds: list[float] = []  # wall seconds of each epoch trained here (compile time excluded)
+
+    def say(self, line: str, echo: bool = True) -> None:
+        """Log ``line`` and show it (unless ``echo`` is off or the mode is ``"off"``)."""
+        self.log(line)
+        if echo and self.mode != "off":
+            (utils.tqdm.write if self.mode == "bars" else print)(line)
+
+    def epoch_bar(self, steps: int, epoch: int) -> Optional[EpochBar]:
+        return EpochBar(steps, epoch) if self.mode == "bars" else None
+
+    def cpu_estimate(self, seconds_per_step: float, steps_per_epoch: int, epochs_left: int) -> None:
+        per_epoch = seconds_per_step * steps_per_epoch
+        self.say(
+            f"CPU estimate: about {utils.duration(per_epoch)} per epoch of training, "
+            f"{utils.duration(per_epoch * epochs_left)} for the {utils.plural(epochs_left, 'epoch')} left "
+            f"(evaluation not included)."
+        )
+
+    def time_left(self, epochs_left: int) -> str:
+        """The median of the last 5 epochs' wall time, times the epochs left."""
+        recent = sorted(self.epoch_seconds[-5:])
+        return utils.duration(recent[len(recent) // 2] * epochs_left) if recent else "?"
+
+
+class EpochBar:
+    """A progress bar over one epoch's steps, showing the running loss, accuracy and images per
+    second every ``PROGRESS_EVERY`` steps (each update syncs with the device once)."""
+
+    def __init__(self, steps: int, epoch: int):
+        self.steps = steps
+        self.bar = utils.progress_bar(steps, f"epoch {epoch}", leave=False, unit="step")
+        self.start = time.perf_counter()
+
+    def update(self, i: int, loss_sum, correct, seen: int) -> None:
+        self.bar.update(1)
+        if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == self.steps:
+            rate = seen / (time.perf_counter() - self.start)
+            self.bar.set_postfix(
+                loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}", img_s=f"{rate:,.0f}"
+            )
+
+    def close(self) -> None:
+        self.bar.close()
