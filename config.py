@@ -139,6 +139,7 @@ class Config:
     mlp_ratio: float = _field(4.0, number(lambda v: v > 0, "> 0"))  # MLP hidden width / dim
     pool: str = _field("cls", one_of("cls", "gap"))  # head input: the cls token, or the mean of all tokens (no cls)
     attn_init: str = _field("default", one_of("default", "mimetic"))  # "mimetic": Trockman & Kolter 2023
+    patch_embed_init: str = _field("trunc_normal", one_of("trunc_normal", "pytorch"))  # models/dyt.py ViT
     drop_path: float = _field(0.1, number(lambda v: 0 <= v < 1, "in [0, 1)"))  # stochastic depth of the last block
     dropout: float = _field(0.0, number(lambda v: 0 <= v < 1, "in [0, 1)"))  # embedding, attn projection, MLP
     # --- optimisation ---

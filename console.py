@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+import torch
+
 import utils
 
 MODES = ("bars", "lines", "off")  # progress bars and lines / a line per epoch (headless) / nothing on screen
@@ -32,6 +34,34 @@ class Console:
         self.log(line)
         if echo and self.mode != "off":
             (utils.tqdm.write if self.mode == "bars" else print)(line)
+
+    def hardware_warnings(self, device: torch.device, amp_dtype: Optional[torch.dtype], native_bf16: bool) -> None:
+        """Said once, before training: a CPU is slow, and bf16 without native support slower still."""
+        if device.type != "cpu":
+            return
+        self.say(
+            f"WARNING: training on the CPU ({utils.plural(torch.get_num_threads(), 'thread')}), not a GPU. "
+            f"The time per epoch is estimated after the first {CPU_ESTIMATE_STEPS} steps. The default model "
+            f"needs days here; the README's 'On a CPU' settings finish in minutes."
+        )
+        if amp_dtype == torch.bfloat16 and not native_bf16:
+            self.say(
+                "WARNING: amp='bf16' on a CPU without native bf16 makes matrix products several times slower "
+                "than float32; amp='auto' or 'off' uses float32."
+            )
+
+    def epoch_line(self, epoch: int, epochs: int, stats: dict, best_acc: float, best_epoch: int) -> None:
+        """One line per epoch: losses, accuracies, seconds, and the time left for the run."""
+        clean = f" clean {100 * stats['train_clean_acc']:.1f}%" if "train_clean_acc" in stats else ""
+        ema = f" ema {100 * stats['ema_test_acc']:.2f}%" if "ema_test_acc" in stats else ""
+        seconds = stats["train_seconds"] + stats["eval_seconds"] + stats["checkpoint_seconds"]
+        compiling = f" (+{stats['compile_seconds']:.0f}s compiling)" if stats["compile_seconds"] >= 0.5 else ""
+        self.say(
+            f"epoch {epoch:4d}/{epochs} lr {stats['lr']:.2e} | train loss {stats['train_loss']:.4f} "
+            f"acc {100 * stats['train_acc']:.1f}%{clean} | test loss {stats['test_loss']:.4f} acc "
+            f"{100 * stats['test_acc']:.2f}%{ema} (best {100 * best_acc:.2f}% @ {best_epoch}) | "
+            f"{seconds:.1f}s{compiling} | left ~{self.time_left(epochs - epoch)}"
+        )
 
     def epoch_bar(self, steps: int, epoch: int) -> Optional[EpochBar]:
         return EpochBar(steps, epoch) if self.mode == "bars" else None

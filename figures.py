@@ -26,43 +26,51 @@ def _save(fig, path: str | Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def plot_run(csv_path: str | Path, out_path: str | Path, title: str = ""):
-    """Loss, accuracy, learning rate and DyT alpha per layer, from the CSV alone. Returns the figure."""
+def plot_run(csv_path: str | Path, out_path: str | Path, title: str = "", mixup: bool = True):
+    """Loss, accuracy and learning rate; DyT's alpha and each norm's gain per layer (one legend for
+    both, beside them), from the CSV alone. ``mixup``: whether the run mixed its training images (the
+    labels say so). Returns the figure."""
     import pandas as pd
     from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
 
     df = pd.read_csv(csv_path)
-    fig, ax = _figure(2, 2, (11, 7.5))
+    fig, ax = _figure(2, 3, (15, 7.5))
+    mixed = ", mixup" if mixup else ""
     a = ax[0, 0]
-    a.plot(df.epoch, df.train_loss, label="train (mixup, smoothed)")
+    a.plot(df.epoch, df.train_loss, label=f"train (augmented{mixed}, label smoothing)")
     a.plot(df.epoch, df.test_loss, label="test")
     if "ema_test_loss" in df:
         a.plot(df.epoch, df.ema_test_loss, label="test (EMA weights)")
-    a.set(title="loss", xlabel="epoch")
+    a.set(title="loss")
     a.legend()
     a = ax[0, 1]
-    a.plot(df.epoch, 100 * df.train_acc, label="train (augmented, vs dominant mixup label)")
+    a.plot(df.epoch, 100 * df.train_acc, label=f"train (augmented{', vs the dominant label' if mixup else ''})")
     if "train_clean_acc" in df:  # above test: overfitting; near or below it: underfitting
         a.plot(df.epoch, 100 * df.train_clean_acc, label="train (clean images)")
     a.plot(df.epoch, 100 * df.test_acc, label=f"test (best {100 * df.test_acc.max():.2f}%)")
     if "ema_test_acc" in df:
         a.plot(df.epoch, 100 * df.ema_test_acc, label=f"test, EMA weights (best {100 * df.ema_test_acc.max():.2f}%)")
-    a.set(title="accuracy (%)", xlabel="epoch")
+    a.set(title="accuracy (%)")
     a.legend()
     a.grid(alpha=0.3)
-    a = ax[1, 0]
-    a.plot(df.epoch, df.lr)
-    a.set(title="learning rate (end of epoch)", xlabel="epoch")
-    a = ax[1, 1]
-    alpha_cols = [c for c in df.columns if c.startswith("alpha_")]
+    ax[0, 2].plot(df.epoch, df.lr)
+    ax[0, 2].set(title="learning rate (end of epoch)")
     colors = colormaps["viridis"]
-    for i, c in enumerate(alpha_cols):  # first layer dark, last (the final norm) light
-        a.plot(df.epoch, df[c], label=c[len("alpha_") :], color=colors(i / max(len(alpha_cols) - 1, 1)))
-    if alpha_cols:
-        a.legend(fontsize=7, ncol=2)
-        a.set(title="DyT alpha per layer", xlabel="epoch")
-    else:
-        a.set(title="no DyT layers (LayerNorm run)")
+    layers = [c[len("gain_") :] for c in df.columns if c.startswith("gain_")]
+    for col, (prefix, what) in enumerate((("alpha_", "DyT alpha"), ("gain_", "norm gain: mean |weight| x alpha"))):
+        a = ax[1, col]
+        shown = [n for n in layers if prefix + n in df]
+        for i, n in enumerate(shown):  # first layer dark, last (the final norm) light
+            a.plot(df.epoch, df[prefix + n], label=n, color=colors(i / max(len(layers) - 1, 1)))
+        a.set(title=f"{what} per layer" if shown else "no DyT layers (LayerNorm run)")
+    handles, labels = ax[1, 1].get_legend_handles_labels()
+    ax[1, 2].axis("off")
+    if handles:
+        ax[1, 2].legend(handles, labels, loc="center left", fontsize=8, ncol=2, title="layer")
+    for a in ax.flat:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.set(xlabel="epoch")
     fig.suptitle(title or Path(csv_path).stem)
     _save(fig, out_path)
     return fig

@@ -425,9 +425,16 @@ class RunFiles:
         check_same_run(state, self.cfg, self.paths.best)
         return state
 
-    def best_on_disk(self) -> Optional[tuple[float, int, str]]:
-        """(accuracy, epoch, weights) of the best checkpoint, if there is one."""
-        return best_summary(self.read_best()) if self.paths.best.exists() else None
+    def best_record(self) -> tuple[Optional[tuple[float, int, str]], str]:
+        """(accuracy, epoch, weights) of the best checkpoint (None if there is none), and a note. A best
+        file that is unreadable or of another config is set aside (kept, not overwritten later)."""
+        if not self.paths.best.exists():
+            return None, ""
+        try:
+            return best_summary(self.read_best()), ""
+        except (CheckpointError, ConfigMismatchError) as e:
+            aside = set_aside(self.paths.best, "unusable")
+            return None, f"the best checkpoint could not be used ({str(e).split('. ')[0]}); moved to {aside}"
 
     def repair_csv(self, epoch: int, columns: list[str]) -> list[str]:
         past, damaged, rebuilt = repair_csv(self.paths.csv, epoch, columns)

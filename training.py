@@ -26,35 +26,49 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import utils
 from config import NORM_NAMES, Config, norm_layer
 from console import CPU_ESTIMATE_STEPS, Console
-from data import CLASSES, CifarTensors, DeviceLoader, Mixup, TrainAugment, load_cifar10
-from models import ViT, alphas, count_parameters
+from data import CLASSES, CifarTensors, DeviceLoader, Mixup, TrainAugment, load_cifar10, normalize
+from evaluation import Evaluator
+from models import ViT, alphas, count_parameters, gains, scale_mimetic_to_inputs_
 from randomaug import RandAugment
-from run_files import (
-    CHECKPOINT_FORMAT,
-    CheckpointError,
-    ConfigMismatchError,
-    RunFiles,
-    best_summary,
-    checkpoint_kind,
-    set_aside,
-    snapshot,
-)
+from run_files import CHECKPOINT_FORMAT, ConfigMismatchError, RunFiles, best_summary, checkpoint_kind, snapshot
 from step import CompiledStep, compile_modes
 
 MAX_WARMUP_FRACTION = 0.1  # warmup never takes more than this share of the run (short runs still learn)
 RESEED_STRIDE = 1_000_003  # loader seed after a device-type change: seed * stride + epoch
 TIME_COLUMNS = ("train_seconds", "eval_seconds", "checkpoint_seconds", "compile_seconds", "images_per_second")
+MIMETIC_IMAGES = 256  # training images (unaugmented) that size mimetic init under DyT
 EMA_WARMUP = 10  # EMA decay ramps as (1 + n) / (EMA_WARMUP + n) over the first updates
 
 
 class DivergenceError(RuntimeError):
     """The loss or the weights became NaN or infinite; nothing of that epoch was saved."""
+
+    @classmethod
+    def at(
+        cls, epoch: int, steps_per_epoch: int, bad_step: int, loss: float, latest: Path, has_latest: bool
+    ) -> DivergenceError:
+        """The error for epoch ``epoch``: ``bad_step`` is the first step with a non-finite loss (-1:
+        the loss stayed finite, the weights did not)."""
+        where = (
+            f"first non-finite loss at step {bad_step} (epoch {(bad_step - 1) // steps_per_epoch + 1})"
+            if bad_step >= 0
+            else "the weights are no longer finite"
+        )
+        last = (
+            f"The last good checkpoint is {latest} (epoch {epoch - 1})"
+            if has_latest
+            else "No epoch had finished, so there is no checkpoint"
+        )
+        return cls(
+            f"training diverged in epoch {epoch}: mean loss {loss}, {where}. Nothing of this epoch was saved. "
+            f"{last}; running the training cell again restores it, but the same settings will diverge again. "
+            f"To try again, start a new run (another run_name) with a lower lr, or grad_clip > 0."
+        )
 
 
 def build_model(cfg: Config) -> ViT:
@@ -71,6 +85,7 @@ def build_model(cfg: Config) -> ViT:
         dropout=cfg.dropout,
         pool=cfg.pool,
         attn_init=cfg.attn_init,
+        patch_embed_init=cfg.patch_embed_init,
     )
 
 
@@ -192,26 +207,19 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = warmup_steps(cfg, self.steps_per_epoch)
         self.console = Console(progress, self.files.log)
+        self.evaluator = Evaluator(data, cfg.eval_batch_size, cfg.clean_train_images, self.amp_dtype)
         self._interrupted = False  # an epoch started and did not finish: memory is not a checkpoint
         self._cpu_estimate_due = self.device.type == "cpu"
         self._build_state()
-        if self.device.type == "cpu":
-            self.console.say(
-                f"WARNING: training on the CPU ({utils.plural(torch.get_num_threads(), 'thread')}), not a GPU. "
-                f"The time per epoch is estimated after the first {CPU_ESTIMATE_STEPS} steps. The default model "
-                f"needs days here; the README's 'On a CPU' settings finish in minutes."
-            )
-        if self.device.type == "cpu" and self.amp_dtype == torch.bfloat16 and not cpu_has_native_bf16():
-            self.console.say(
-                "WARNING: amp='bf16' on a CPU without native bf16 makes matrix products several times slower "
-                "than float32; amp='auto' or 'off' uses float32."
-            )
+        self.console.hardware_warnings(self.device, self.amp_dtype, cpu_has_native_bf16())
 
     def _build_state(self) -> None:
         """Model, optimizer, EMA, compiled step, loaders and counters as a fresh run starts them (seeded)."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(self.device)
+        if cfg.attn_init == "mimetic" and cfg.norm == "dyt":  # deterministic: draws no random numbers
+            scale_mimetic_to_inputs_(self.model, normalize(self.data.x_train[:MIMETIC_IMAGES]))
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         # The learning rate lives on the device; each step fills it from lr_at() with a kernel (no copy,
@@ -236,13 +244,6 @@ class Trainer:
         d = self.data
         self.train_loader = DeviceLoader(
             d.x_train, d.y_train, cfg.batch_size, train=True, augment=self.augment, seed=cfg.seed
-        )
-        self.test_loader = DeviceLoader(d.x_test, d.y_test, cfg.eval_batch_size, train=False)
-        n_clean = min(cfg.clean_train_images, len(d.x_train))
-        self.clean_train_loader = (
-            DeviceLoader(d.x_train[:n_clean], d.y_train[:n_clean], cfg.eval_batch_size, train=False)
-            if n_clean
-            else None
         )
         self.mixup = Mixup(
             cfg.mixup_alpha,
@@ -378,20 +379,16 @@ class Trainer:
         return self.epoch
 
     def _adopt_best_on_disk(self) -> str:
-        """The best checkpoint on disk scored more than the latest one remembers (an older latest put
-        back by hand): keep the better record, so the best file is only replaced by a better epoch."""
-        try:
-            on_disk = self.files.best_on_disk()
-        except (CheckpointError, ConfigMismatchError) as e:
-            aside = set_aside(self.paths.best, "unreadable")
-            return f"the best checkpoint could not be used ({str(e).split('. ')[0]}); moved to {aside}"
-        if on_disk is None or on_disk[0] <= self.best_acc:
-            return ""
-        self.best_acc, self.best_epoch, self.best_source = on_disk
-        return (
-            f"{self.paths.best} (epoch {self.best_epoch}, {100 * self.best_acc:.2f}%) is better than what the latest "
-            f"checkpoint recorded: it stays the best, replaced only by a better epoch"
-        )
+        """An older latest put back by hand remembers a lower best than the best file holds: keep the
+        file's record, so the best file is only replaced by a better epoch."""
+        on_disk, note = self.files.best_record()
+        if on_disk is not None and on_disk[0] > self.best_acc:
+            self.best_acc, self.best_epoch, self.best_source = on_disk
+            note = (
+                f"{self.paths.best} (epoch {self.best_epoch}, {100 * self.best_acc:.2f}%) is better than what the "
+                f"latest checkpoint recorded: it stays the best, replaced only by a better epoch"
+            )
+        return note
 
     def remaining_epochs(self) -> Iterator[int]:
         """1-based numbers of the epochs still to train (resuming or restoring first when needed,
@@ -496,46 +493,10 @@ class Trainer:
         }
 
     def _diverged(self, bad_step: int, loss: float) -> None:
-        epoch = self.epoch + 1
-        where = (
-            f"first non-finite loss at step {bad_step} (epoch {(bad_step - 1) // self.steps_per_epoch + 1})"
-            if bad_step >= 0
-            else "the weights are no longer finite"
-        )
-        last = (
-            f"The last good checkpoint is {self.paths.latest} (epoch {self.epoch})"
-            if self.paths.latest.exists()
-            else "No epoch had finished, so there is no checkpoint"
-        )
-        self.files.log(f"DIVERGED in epoch {epoch}: mean loss {loss}; {where}")
-        raise DivergenceError(
-            f"training diverged in epoch {epoch}: mean loss {loss}, {where}. Nothing of this epoch was saved. "
-            f"{last}; running the training cell again restores it, but the same settings will diverge again. "
-            f"To try again, start a new run (another run_name) with a lower lr, or grad_clip > 0."
-        )
-
-    @torch.no_grad()
-    def predict(
-        self, model: Optional[nn.Module] = None, loader: Optional[DeviceLoader] = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits (float32) and labels of ``loader`` (default: the test set) under ``model``
-        (default: the model being trained, as evaluation runs it), and the summed cross-entropy.
-
-        Every forward pass has ``eval_batch_size`` rows (the last batch is zero-padded), so a
-        compiled model sees one shape."""
-        net = self.compiled_step.eval_models().model if model is None else model
-        net.eval()
-        outs, labels = [], []
-        bs = self.cfg.eval_batch_size
-        for x, y in loader or self.test_loader:
-            n = len(x)
-            if n < bs:
-                x = torch.cat([x, x.new_zeros((bs - n,) + x.shape[1:])])
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                outs.append(net(x)[:n].float().clone())  # a CUDA graph's output is overwritten by its next replay
-            labels.append(y)
-        logits, labels = torch.cat(outs), torch.cat(labels)
-        return logits, labels, F.cross_entropy(logits, labels, reduction="sum")
+        has_latest = self.paths.latest.exists()
+        error = DivergenceError.at(self.epoch + 1, self.steps_per_epoch, bad_step, loss, self.paths.latest, has_latest)
+        self.files.log(f"DIVERGED: {error}")
+        raise error
 
     def evaluate(self) -> dict:
         """Test loss and accuracy (and of the EMA weights), and accuracy on unaugmented training images.
@@ -555,25 +516,7 @@ class Trainer:
         return scored
 
     def _evaluate(self) -> dict:
-        scored = {}
-        models = self.compiled_step.eval_models()
-        for prefix, model in (("", models.model), ("ema_", models.ema)):
-            if model is not None:
-                logits, labels, loss_sum = self.predict(model)
-                scored[f"{prefix}test_loss"] = loss_sum / len(labels)
-                scored[f"{prefix}test_acc"] = (logits.argmax(-1) == labels).float().mean()
-        if self.clean_train_loader is not None:
-            logits, labels, _ = self.predict(models.model, self.clean_train_loader)
-            scored["train_clean_acc"] = (logits.argmax(-1) == labels).float().mean()
-        values = torch.stack(list(scored.values())).tolist()  # one host sync
-        return dict(zip(scored, values))
-
-    def confusion_matrix(self, model: Optional[nn.Module] = None) -> torch.Tensor:
-        """(10, 10) counts, true class per row, of ``model`` (default: the trained one) on the test set."""
-        logits, labels, _ = self.predict(model)
-        k = len(CLASSES)
-        idx = labels * k + logits.argmax(-1)
-        return torch.bincount(idx, minlength=k * k).reshape(k, k).cpu()
+        return self.evaluator.scores(*self.compiled_step.eval_models())
 
     def run_epoch(self, epoch: int) -> dict:
         """Train epoch ``epoch`` (must be the next one), evaluate, keep the best, record; returns the
@@ -587,7 +530,7 @@ class Trainer:
         improved = self._update_best(stats)
         row = self._record(stats, improved)
         self.console.epoch_seconds.append(time.perf_counter() - wall - stats["compile_seconds"])
-        self.console.say(self._epoch_line(stats))
+        self.console.epoch_line(self.epoch, self.cfg.epochs, stats, self.best_acc, self.best_epoch)
         self._interrupted = False
         return row
 
@@ -640,29 +583,17 @@ class Trainer:
     def csv_columns(self) -> list[str]:
         """The CSV's columns for this config, in order."""
         columns = ["epoch", "lr", "train_loss", "train_acc"]
-        columns += ["train_clean_acc"] if self.clean_train_loader is not None else []
+        columns += ["train_clean_acc"] if self.evaluator.clean_train_loader is not None else []
         columns += ["test_loss", "test_acc"]
         columns += ["ema_test_loss", "ema_test_acc"] if self.ema is not None else []
         columns += list(TIME_COLUMNS)
-        return columns + [f"alpha_{name}" for name in alphas(self.model)]
+        return columns + [f"alpha_{n}" for n in alphas(self.model)] + [f"gain_{n}" for n in gains(self.model)]
 
     def _csv_row(self, stats: dict) -> dict:
-        values = {**stats, "epoch": self.epoch, **{f"alpha_{n}": v for n, v in alphas(self.model).items()}}
+        values = {**stats, "epoch": self.epoch}
+        values.update({f"alpha_{n}": v for n, v in alphas(self.model).items()})
+        values.update({f"gain_{n}": v for n, v in gains(self.model).items()})
         return {c: values[c] for c in self.csv_columns()}
-
-    def _epoch_line(self, stats: dict) -> str:
-        epoch = self.epoch
-        clean = f" clean {100 * stats['train_clean_acc']:.1f}%" if "train_clean_acc" in stats else ""
-        ema = f" ema {100 * stats['ema_test_acc']:.2f}%" if "ema_test_acc" in stats else ""
-        return (
-            f"epoch {epoch:4d}/{self.cfg.epochs} lr {stats['lr']:.2e} | train loss {stats['train_loss']:.4f} "
-            f"acc {100 * stats['train_acc']:.1f}%{clean} | test loss {stats['test_loss']:.4f} acc "
-            f"{100 * stats['test_acc']:.2f}%{ema} (best {100 * self.best_acc:.2f}% @ {self.best_epoch}) | "
-            f"{stats['train_seconds'] + stats['eval_seconds'] + stats['checkpoint_seconds']:.1f}s"
-            + (f" (+{stats['compile_seconds']:.0f}s compiling)" if stats["compile_seconds"] >= 0.5 else "")
-            + " | "
-            f"left ~{self.console.time_left(self.cfg.epochs - epoch)}"
-        )
 
     def best_model(self) -> tuple[ViT, dict]:
         """A separate copy of the model with the best checkpoint's weights (the model being trained

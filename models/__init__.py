@@ -1,5 +1,27 @@
 """Models: the DyT Vision Transformer (LayerNorm through the same class)."""
 
-from models.dyt import Attention, Block, DropPath, DynamicTanh, Mlp, ViT, alphas, count_parameters
+from models.dyt import (
+    Attention,
+    Block,
+    DropPath,
+    DynamicTanh,
+    Mlp,
+    ViT,
+    alphas,
+    count_parameters,
+    gains,
+    scale_mimetic_to_inputs_,
+)
 
-__all__ = ["Attention", "Block", "DropPath", "DynamicTanh", "Mlp", "ViT", "alphas", "count_parameters"]
+__all__ = [
+    "Attention",
+    "Block",
+    "DropPath",
+    "DynamicTanh",
+    "Mlp",
+    "ViT",
+    "alphas",
+    "count_parameters",
+    "gains",
+    "scale_mimetic_to_inputs_",
+]

@@ -187,6 +187,9 @@ class ViT(nn.Module):
         pool: ``"cls"`` (a cls token, read by the head) or ``"gap"`` (no cls token; the head reads
             the mean of the final-norm tokens).
         attn_init: ``"default"`` (timm's truncated normal) or ``"mimetic"`` (``mimetic_init_``).
+        patch_embed_init: ``"trunc_normal"`` (std 0.02 and a zero bias, like the linear layers) or
+            ``"pytorch"`` (``nn.Conv2d``'s own init, which timm's ViT and the DyT code leave alone:
+            weights uniform with std 1/sqrt(3 * fan_in), about 4x larger tokens at patch 4).
     """
 
     def __init__(
@@ -205,9 +208,12 @@ class ViT(nn.Module):
         attn_dropout: float = 0.0,
         pool: str = "cls",
         attn_init: str = "default",
+        patch_embed_init: str = "trunc_normal",
     ):
         super().__init__()
         assert pool in ("cls", "gap") and attn_init in ("default", "mimetic"), (pool, attn_init)
+        assert patch_embed_init in ("trunc_normal", "pytorch"), patch_embed_init
+        self.patch_embed_init = patch_embed_init
         assert img_size % patch_size == 0 and dim % heads == 0 and mlp_ratio > 0, (img_size, patch_size, dim, heads)
         self.num_patches = (img_size // patch_size) ** 2
         self.patch_embed = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
@@ -234,11 +240,11 @@ class ViT(nn.Module):
             for block in self.blocks:
                 mimetic_init_(block.attn)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # timm's ViT: truncated normal (std 0.02) for linear weights, zero biases. The patch
-        # embedding is a linear map on flattened patches, so it gets the same.
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+    def _init_weights(self, m: nn.Module) -> None:
+        # timm's ViT: truncated normal (std 0.02) for linear weights, zero biases. The patch embedding
+        # is a linear map on flattened patches: the same, unless it keeps PyTorch's own init.
+        trunc = nn.Linear if self.patch_embed_init == "pytorch" else (nn.Linear, nn.Conv2d)
+        if isinstance(m, trunc):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -247,13 +253,16 @@ class ViT(nn.Module):
         """Names of parameters with ndim >= 2 that must not be weight-decayed."""
         return {"pos_embed", "cls_token"} if self.cls_token is not None else {"pos_embed"}
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> the tokens the first block sees (B, N+prefix, D)."""
         x = self.patch_embed(x)  # (B, D, H/p, W/p)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N+1, D)
-        x = self.blocks(self.pos_drop(x + self.pos_embed))
-        return self.norm(x)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(self.embed(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)  # (B, N+prefix, D)
@@ -294,6 +303,43 @@ def mimetic_init_(attn: Attention, qk=MIMETIC_QK, vo=MIMETIC_VO, generator=None)
     attn.proj.bias.zero_()
 
 
+@torch.no_grad()
+def scale_mimetic_to_inputs_(model: ViT, images: torch.Tensor) -> list[float]:
+    """Fit mimetic init to the size of what attention sees. Its constants assume inputs of unit RMS,
+    which LayerNorm gives; DyT's outputs follow its inputs (about 0.07 RMS at init), so the query-key
+    logits come out ``r**2`` times smaller (r: the RMS of the block's first norm output) and attention
+    stays uniform. Each block's W_q and W_k are divided by its r, measured on ``images`` (normalised,
+    passed through the blocks before it), so W_q^T W_k gives the logits LayerNorm's inputs would.
+    The value-output half is left as it is. Returns r per block."""
+    was_training = model.training
+    model.eval()
+    tokens = model.embed(images)
+    scales = []
+    for block in model.blocks:
+        r = block.norm1(tokens).float().pow(2).mean().sqrt().item()
+        dim = block.attn.proj.in_features
+        block.attn.qkv.weight[: 2 * dim] /= r  # the query and key rows
+        scales.append(r)
+        tokens = block(tokens)
+    model.train(was_training)
+    return scales
+
+
+def gains(model: nn.Module) -> dict[str, float]:
+    """How much each norm scales a small input, keyed by module name: for DyT the mean of
+    ``|weight| * alpha`` (its slope at 0), for LayerNorm the mean ``|weight|``. A DyT whose alpha
+    collapsed to 0 has gain 0: it passes on only its bias."""
+    model = getattr(model, "_orig_mod", model)
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, DynamicTanh):
+            found.append((name, (m.weight.detach().float().abs() * m.alpha.detach().float()).mean()))
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            found.append((name, m.weight.detach().float().abs().mean()))
+    values = torch.stack([g for _, g in found]).tolist() if found else []  # one host sync
+    return {name: v for (name, _), v in zip(found, values)}
+
+
 def alphas(model: nn.Module) -> dict[str, float]:
     """Current alpha of every DynamicTanh in ``model``, keyed by module name (empty for LayerNorm)."""
     model = getattr(model, "_orig_mod", model)
@@ -316,6 +362,8 @@ __all__ = [
     "Block",
     "ViT",
     "mimetic_init_",
+    "scale_mimetic_to_inputs_",
+    "gains",
     "alphas",
     "count_parameters",
 ]

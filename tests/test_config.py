@@ -40,6 +40,7 @@ BAD_VALUES = {
     "patch_size": 0,
     "pool": "max",
     "attn_init": "xavier",
+    "patch_embed_init": "kaiming",
     "mlp_ratio": -4.0,
     "drop_path": 1.0,
     "dropout": -0.5,

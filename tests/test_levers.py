@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import QUIET, rows, tiny, train_all, without_time
-from models import ViT
+from conftest import QUIET, assert_same_run, rows, tiny, train_all
+from data import normalize
+from models import DynamicTanh, ViT, gains, scale_mimetic_to_inputs_
 from models.dyt import MIMETIC_QK, MIMETIC_VO, Attention, mimetic_init_
 from randomaug import OPS, RandAugment
-from training import Trainer
+from training import Trainer, build_model
 
 
 def _images(n, seed=0):
@@ -97,6 +98,91 @@ def test_mimetic_init_per_head_is_a_low_rank_piece_of_the_same_shape():
     assert (dq.T @ dk).diagonal().mean().abs() < 0.01
 
 
+def _block0_diagonal_mass(model, images):
+    """Mean attention weight of each token on itself in block 0 (uniform: 1 / tokens)."""
+    model.eval()
+    with torch.no_grad():
+        h = model.blocks[0].norm1(model.embed(images))
+        attn = model.blocks[0].attn
+        B, N, C = h.shape
+        q, k, _ = attn.qkv(h).reshape(B, N, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        weights = (q @ k.transpose(-1, -2) / attn.head_dim**0.5).softmax(-1)
+    return weights.diagonal(dim1=-2, dim2=-1).mean().item()
+
+
+def test_mimetic_init_under_dyt_attends_like_layernorms(cifar, tmp_path):
+    # On 256 real CIFAR-10 test images (default config, seed 0) the diagonal mass was 0.358 for LayerNorm
+    # and 0.149 for DyT with this scaling (0.015 without it; uniform 1/65 = 0.015): see docs/recipe.md. The
+    # generated images here give 0.119 and 0.047: the same ratio.
+    images = normalize(cifar.x_test)
+    uniform = 1 / 65
+    cfg = dict(dim=384, depth=1, heads=6, attn_init="mimetic")
+    ln = Trainer(tiny(tmp_path / "ln", norm="ln", **cfg), cifar, **QUIET).model
+    dyt = Trainer(tiny(tmp_path / "dyt", **cfg), cifar, **QUIET).model
+    torch.manual_seed(0)
+    unscaled = build_model(tiny(tmp_path, **cfg))  # mimetic init as LayerNorm wants it, under DyT
+    ln_mass, dyt_mass = _block0_diagonal_mass(ln, images), _block0_diagonal_mass(dyt, images)
+    assert ln_mass > 5 * uniform and dyt_mass > 2.5 * uniform and dyt_mass > 0.3 * ln_mass
+    assert _block0_diagonal_mass(unscaled, images) < 1.5 * uniform  # the query-key half did nothing
+    torch.manual_seed(0)
+    plain_ln = build_model(tiny(tmp_path, norm="ln", **cfg))
+    assert all(torch.equal(a, b) for a, b in zip(plain_ln.parameters(), ln.parameters()))  # LayerNorm: as it was
+
+
+def test_scaling_divides_queries_and_keys_by_the_measured_input_size():
+    torch.manual_seed(0)
+    model = ViT(dim=32, depth=2, heads=2, attn_init="mimetic")
+    before = [b.attn.qkv.weight.clone() for b in model.blocks]
+    images = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        first = model.blocks[0].norm1(model.embed(images)).pow(2).mean().sqrt().item()
+    scales = scale_mimetic_to_inputs_(model, images)
+    assert scales[0] == pytest.approx(first) and len(scales) == 2 and all(0 < r < 0.5 for r in scales)
+    for block, w, r in zip(model.blocks, before, scales):
+        torch.testing.assert_close(block.attn.qkv.weight[:64], w[:64] / r)
+        assert torch.equal(block.attn.qkv.weight[64:], w[64:])  # values untouched
+    assert model.training
+
+
+# --- the patch embedding's init and each norm's gain --------------------------------------------
+
+
+def test_patch_embedding_init_trunc_normal_or_pytorchs_own(cifar):
+    images = normalize(cifar.x_test)
+    torch.manual_seed(0)
+    trunc = ViT(dim=64, depth=1, heads=2)
+    torch.manual_seed(0)
+    pytorch = ViT(dim=64, depth=1, heads=2, patch_embed_init="pytorch")
+    fan_in = 3 * 4 * 4
+    assert trunc.patch_embed.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert trunc.patch_embed.bias.abs().sum() == 0
+    bound = 1 / math.sqrt(fan_in)  # nn.Conv2d's kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert pytorch.patch_embed.weight.abs().max() <= bound and pytorch.patch_embed.bias.abs().max() <= bound
+    assert pytorch.patch_embed.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    with torch.no_grad():
+        ratio = (pytorch.patch_embed(images).pow(2).mean() / trunc.patch_embed(images).pow(2).mean()).sqrt().item()
+    assert 3.0 < ratio < 5.5  # real CIFAR-10 test images: 0.601 / 0.146 = 4.1 (docs/recipe.md)
+    assert pytorch.blocks[0].mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.1)  # linear layers: timm's
+
+
+def test_each_norms_gain_reaches_the_csv(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
+    with torch.no_grad():
+        t.model.blocks[1].norm2.alpha.zero_()  # a collapsed alpha
+    expected = {f"gain_{n}": (m.weight.abs() * m.alpha).mean().item() for n, m in t.model.named_modules()
+                if isinstance(m, DynamicTanh)}  # fmt: skip
+    assert gains(t.model)["blocks.1.norm2"] == 0.0
+    t.resume()
+    row = t.run_epoch(1)
+    final = {f"gain_{n}": (m.weight.abs() * m.alpha).mean().item() for n, m in t.model.named_modules()
+             if isinstance(m, DynamicTanh)}  # fmt: skip
+    assert len(expected) == 5 and {k: row[k] for k in final} == pytest.approx(final)
+    assert [c for c in rows(t.paths.csv)[0] if c.startswith("gain_")] == list(final)
+    ln = Trainer(tiny(tmp_path / "ln", norm="ln"), cifar, **QUIET)
+    assert gains(ln.model) == pytest.approx({n: 1.0 for n in ("blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1",
+                                                              "blocks.1.norm2", "norm")})  # fmt: skip
+
+
 # --- EMA and clean training accuracy -----------------------------------------------------------
 
 
@@ -121,28 +207,22 @@ def test_ema_and_clean_accuracy_reach_the_csv_and_best_says_which_weights(cifar,
     saved = torch.load(t.paths.best, weights_only=True)
     assert saved["best_source"] in ("raw", "ema") and saved["best_source"] == t.best_source
     model, info = t.best_model()
-    acc = t.confusion_matrix(model).diag().sum().item() / len(cifar.y_test)
+    acc = t.evaluator.confusion_matrix(model).diag().sum().item() / len(cifar.y_test)
     assert acc == pytest.approx(info["test_acc"]) and info["source"] == t.best_source
     # Clean accuracy is the model on the first 64 training images, unaugmented.
-    logits, labels, _ = t.predict(loader=t.clean_train_loader)
+    logits, labels, _ = t.evaluator.predict(t.model, t.evaluator.clean_train_loader)
     assert len(labels) == 64
     assert float(table[-1]["train_clean_acc"]) == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
 
 
-def test_resume_with_ema_is_bitwise_exact(cifar, tmp_path):
-    overrides = dict(ema_decay=0.8, pool="gap", attn_init="mimetic", randaug_prob=0.5)
-    full = Trainer(tiny(tmp_path / "a", **overrides), cifar, **QUIET)
-    train_all(full)
-    first = Trainer(tiny(tmp_path / "b", **overrides), cifar, **QUIET)
+def test_resume_with_ema_is_bitwise_exact(cifar, tmp_path, reference_runs):
+    first = Trainer(tiny(tmp_path, **reference_runs.LEVERS), cifar, **QUIET)
     first.resume()
     first.run_epoch(1)
     del first
-    second = Trainer(tiny(tmp_path / "b", **overrides), cifar, **QUIET)
+    second = Trainer(tiny(tmp_path, **reference_runs.LEVERS), cifar, **QUIET)
     train_all(second)
-    for a, b in ((full.model, second.model), (full.ema.module, second.ema.module)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert without_time(rows(full.paths.csv)) == without_time(rows(second.paths.csv))
+    assert_same_run(reference_runs.get("levers"), second)
 
 
 # --- patch size 2 ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 
 import run_files
 import run_lock
-from conftest import QUIET, rows, tiny, train_all, without_time
+from conftest import QUIET, assert_same_run, rows, tiny, train_all
 from data import CorruptDatasetError, ensure_cifar10, read_batch
 from run_files import CheckpointError
 from run_lock import RunLock, RunLockedError
@@ -39,20 +39,16 @@ def _interrupt_at(trainer, monkeypatch, step, exc=KeyboardInterrupt):
 
 
 # Row 1: an interrupted epoch is never continued from memory.
-def test_interrupted_epoch_is_restored_from_the_checkpoint_not_continued(cifar, tmp_path, monkeypatch):
-    full = Trainer(tiny(tmp_path / "a"), cifar, **QUIET)
-    train_all(full)
-
-    t = Trainer(tiny(tmp_path / "b"), cifar, **QUIET)
+def test_interrupted_epoch_is_restored_from_the_checkpoint_not_continued(cifar, tmp_path, monkeypatch, reference_runs):
+    full = reference_runs.get("default")
+    t = Trainer(tiny(tmp_path), cifar, **QUIET)
     _interrupt_at(t, monkeypatch, step=t.steps_per_epoch + 2)  # in the middle of epoch 2
     with pytest.raises(KeyboardInterrupt):
         train_all(t)
     assert t.step == t.steps_per_epoch + 2  # the half-trained state that must not be continued
     train_all(t)  # the training cell run again in the same kernel
-    assert t.step == full.step == 3 * t.steps_per_epoch
-    a, b = full.model.state_dict(), t.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert without_time(rows(full.paths.csv)) == without_time(rows(t.paths.csv))
+    assert t.step == 3 * t.steps_per_epoch
+    assert_same_run(full, t)
     state = torch.load(t.paths.latest, weights_only=True)
     assert state["step"] == state["epoch"] * t.steps_per_epoch
     assert "restored after an interrupted epoch" in t.paths.log.read_text()

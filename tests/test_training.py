@@ -9,7 +9,7 @@ import figures
 import run_files
 import training
 from config import Config
-from conftest import QUIET, rows, tiny, train_all, without_time
+from conftest import QUIET, assert_same_run, rows, tiny, train_all, without_time
 from data import DatasetNotFoundError, load_cifar10
 from models import DynamicTanh, ViT
 from run_files import CheckpointError, ConfigMismatchError
@@ -48,6 +48,7 @@ def test_config_fields_reach_the_objects(cifar, tmp_path):
         clean_train_images=30,
         pool="gap",
         randaug_prob=0.5,
+        patch_embed_init="pytorch",
     )
     t = Trainer(cfg, cifar, **QUIET)
     m = t.model
@@ -56,12 +57,17 @@ def test_config_fields_reach_the_objects(cifar, tmp_path):
     assert m.blocks[2].drop_path1.p == pytest.approx(0.3) and m.pos_drop.p == 0.05
     assert isinstance(m.norm, DynamicTanh) and m.norm.alpha.item() == pytest.approx(0.3)
     assert t.optimizer.param_groups[0]["lr"] == 2e-3 and t.optimizer.param_groups[0]["weight_decay"] == 0.1
-    assert t.train_loader.batch_size == 16 and t.test_loader.batch_size == 7 and t.steps_per_epoch == 200 // 16
+    assert (
+        t.train_loader.batch_size == 16 and t.evaluator.test_loader.batch_size == 7 and t.steps_per_epoch == 200 // 16
+    )
     assert t.warmup_steps == round(0.5 * 12) and t.total_steps == 20 * 12
     assert t.augment.padding == 2 and t.augment.flip is False
     ra = t.augment.randaugment
     assert (ra.num_ops, ra.magnitude, ra.magnitude_std, ra.prob) == (3, 4.0, 0.0, 0.5)
-    assert t.ema.decay == 0.99 and len(t.clean_train_loader.x) == 30 and m.pool == "gap" and m.cls_token is None
+    assert m.patch_embed_init == "pytorch" and m.patch_embed.bias.abs().sum() > 0
+    assert (
+        t.ema.decay == 0.99 and len(t.evaluator.clean_train_loader.x) == 30 and m.pool == "gap" and m.cls_token is None
+    )
     assert (t.mixup.mixup_alpha, t.mixup.cutmix_alpha, t.mixup.label_smoothing) == (0.4, 1.0, 0.2)
     assert t.amp_dtype == torch.bfloat16 and t.compile_mode is None  # compile: auto is off on CPU
     assert t.paths.latest.name == "probe_latest.pth" and t.paths.figure("training").parent == tmp_path / "plots"
@@ -99,24 +105,19 @@ def test_weight_decay_only_on_matrices():
 # --- resume -----------------------------------------------------------------------------------
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(cifar, tmp_path):
-    full = Trainer(tiny(tmp_path / "a"), cifar, **QUIET)
-    full.resume()
-    train_all(full)
-
-    first = Trainer(tiny(tmp_path / "b"), cifar, **QUIET)
+def test_interrupted_and_resumed_run_equals_uninterrupted(cifar, tmp_path, reference_runs):
+    first = Trainer(tiny(tmp_path), cifar, **QUIET)
     first.resume()
     for epoch in list(first.remaining_epochs())[:2]:
         first.run_epoch(epoch)
     del first  # "the kernel died"
-    second = Trainer(tiny(tmp_path / "b"), cifar, **QUIET)
+    second = Trainer(tiny(tmp_path), cifar, **QUIET)
     assert second.resume() == 2
     assert list(second.remaining_epochs()) == [3]
     train_all(second)
-
-    a, b = full.model.state_dict(), second.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert second.step == full.step == 3 * full.steps_per_epoch
+    full = reference_runs.get("default")
+    assert_same_run(full, second)
+    assert second.step == 3 * full.steps_per_epoch
     ra, rb = rows(full.paths.csv), rows(second.paths.csv)
     assert [r["epoch"] for r in rb] == ["1", "2", "3"]
     assert without_time(ra) == without_time(rb)
@@ -278,7 +279,7 @@ def test_csv_log_and_config_files(cifar, tmp_path):
 
 def test_plots_are_drawn_from_the_csv_alone(tmp_path):
     csv_path = tmp_path / "run.csv"
-    for e in range(1, 6):
+    for e in range(1, 4):
         run_files.append_csv(
             csv_path,
             {
@@ -290,18 +291,27 @@ def test_plots_are_drawn_from_the_csv_alone(tmp_path):
                 "test_acc": 0.12 * e,
                 "epoch_seconds": 1.0,
                 "images_per_second": 100.0,
-                "alpha_norm": 0.5 + 0.01 * e,
+                "alpha_blocks.0.norm1": 0.5 + 0.01 * e,
+                "alpha_norm": 0.5 - 0.01 * e,
+                "gain_blocks.0.norm1": 0.4 + 0.01 * e,
+                "gain_norm": 0.4 - 0.01 * e,
             },
         )
-    fig = figures.plot_run(csv_path, tmp_path / "p" / "run.png")
+    fig = figures.plot_run(csv_path, tmp_path / "p" / "run.png", mixup=False)
     png = (tmp_path / "p" / "run.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
-    assert "best 60.00%" in [t.get_text() for t in fig.axes[1].get_legend().get_texts()][1]
+    loss, acc, lr, alpha, gain, legend = fig.axes
+    assert "best 36.00%" in [t.get_text() for t in acc.get_legend().get_texts()][1]
+    assert not any("mixup" in t.get_text() for a in (loss, acc) for t in a.get_legend().get_texts())
+    assert [line.get_label() for line in gain.get_lines()] == ["blocks.0.norm1", "norm"]
+    assert list(gain.get_lines()[1].get_ydata()) == pytest.approx([0.39, 0.38, 0.37])
+    assert [t.get_text() for t in legend.get_legend().get_texts()] == ["blocks.0.norm1", "norm"]  # beside, not over
+    assert all(float(t).is_integer() for t in loss.get_xticks())  # 3 epochs: no tick at 1.5
 
 
 def test_confusion_matrix_counts_every_test_image(cifar, tmp_path):
     t = Trainer(tiny(tmp_path, epochs=1, eval_batch_size=15), cifar, **QUIET)
-    cm = t.confusion_matrix()
+    cm = t.evaluator.confusion_matrix(t.model)
     assert cm.shape == (10, 10) and cm.sum() == 50
     assert torch.equal(cm.sum(1), torch.bincount(cifar.y_test, minlength=10))
 
@@ -314,7 +324,7 @@ def test_best_model_is_a_separate_copy_with_best_weights(cifar, tmp_path):
     saved = torch.load(t.paths.best, weights_only=True)
     assert saved["best_epoch"] == t.best_epoch and saved["best_source"] == info["source"] == "raw"
     assert all(torch.equal(v, saved["model"][k]) for k, v in model.state_dict().items())
-    acc = t.confusion_matrix(model).diag().sum().item() / 50
+    acc = t.evaluator.confusion_matrix(model).diag().sum().item() / 50
     assert acc == pytest.approx(t.best_acc)
 
 

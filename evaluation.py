@@ -1,0 +1,74 @@
+"""Scoring a model: test loss and accuracy, accuracy on unaugmented training images, the confusion
+matrix. Every forward pass has the same number of rows (the last batch is zero-padded), so a compiled
+model sees one shape; all scores of one evaluation come back in one host sync."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data import CLASSES, CifarTensors, DeviceLoader
+
+
+class Evaluator:
+    """Scores models on ``data``'s test set and on its first ``clean_train_images`` training images.
+
+    Args:
+        data: CIFAR-10 on the device.
+        batch_size: rows per forward pass.
+        clean_train_images: training images scored without augmentation (0: none).
+        amp_dtype: autocast dtype, or None for float32.
+    """
+
+    def __init__(self, data: CifarTensors, batch_size: int, clean_train_images: int, amp_dtype: Optional[torch.dtype]):
+        self.batch_size = batch_size
+        self.amp_dtype = amp_dtype
+        self.device = data.x_test.device
+        self.test_loader = DeviceLoader(data.x_test, data.y_test, batch_size, train=False)
+        n_clean = min(clean_train_images, len(data.x_train))
+        self.clean_train_loader = (
+            DeviceLoader(data.x_train[:n_clean], data.y_train[:n_clean], batch_size, train=False) if n_clean else None
+        )
+
+    @torch.no_grad()
+    def predict(
+        self, model: nn.Module, loader: Optional[DeviceLoader] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (float32) and labels of ``loader`` (default: the test set) under ``model`` in eval mode,
+        and the summed cross-entropy."""
+        model.eval()
+        outs, labels = [], []
+        bs = self.batch_size
+        for x, y in loader or self.test_loader:
+            n = len(x)
+            if n < bs:
+                x = torch.cat([x, x.new_zeros((bs - n,) + x.shape[1:])])
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                outs.append(model(x)[:n].float().clone())  # a CUDA graph's output is overwritten by its next replay
+            labels.append(y)
+        logits, labels = torch.cat(outs), torch.cat(labels)
+        return logits, labels, F.cross_entropy(logits, labels, reduction="sum")
+
+    def scores(self, model: nn.Module, ema: Optional[nn.Module] = None) -> dict[str, float]:
+        """``test_loss``, ``test_acc`` (and ``ema_``-prefixed for ``ema``), and ``train_clean_acc`` of
+        ``model`` when clean training images are scored."""
+        scored = {}
+        for prefix, net in (("", model), ("ema_", ema)):
+            if net is not None:
+                logits, labels, loss_sum = self.predict(net)
+                scored[f"{prefix}test_loss"] = loss_sum / len(labels)
+                scored[f"{prefix}test_acc"] = (logits.argmax(-1) == labels).float().mean()
+        if self.clean_train_loader is not None:
+            logits, labels, _ = self.predict(model, self.clean_train_loader)
+            scored["train_clean_acc"] = (logits.argmax(-1) == labels).float().mean()
+        values = torch.stack(list(scored.values())).tolist()  # one host sync
+        return dict(zip(scored, values))
+
+    def confusion_matrix(self, model: nn.Module) -> torch.Tensor:
+        """(10, 10) counts of ``model`` on the test set, true class per row."""
+        logits, labels, _ = self.predict(model)
+        k = len(CLASSES)
+        return torch.bincount(labels * k + logits.argmax(-1), minlength=k * k).reshape(k, k).cpu()
