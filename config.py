@@ -108,11 +108,12 @@ class Config:
     run_name: str = _field("", run_name)  # names checkpoints/logs/plots; "" -> f"{norm}_cifar10"
     # --- data ---
     data_dir: str = _field("./data", path, resumable=True)  # holds cifar-10-batches-py/ (downloaded there when missing)
+    verify_data: bool = _field(True, boolean, resumable=True)  # check the batch files' published md5s when loading
     download: bool = _field(True, boolean, resumable=True)  # download CIFAR-10 with torchvision when data_dir lacks it
     train_subset: int = _field(0, integer(0))  # only the first N training images (0: all 50,000)
     test_subset: int = _field(0, integer(0))  # only the first N test images (0: all 10,000)
-    batch_size: int = _field(256, integer(1))  # training images per step
-    eval_batch_size: int = _field(1000, integer(1), resumable=True)  # test images per forward pass
+    batch_size: int = _field(256, integer(1, 50_000))  # training images per step
+    eval_batch_size: int = _field(1000, integer(1, 10_000), resumable=True)  # test images per forward pass
     clean_train_images: int = _field(10_000, integer(0))  # train images scored unaugmented each epoch (0: off)
     # --- augmentation ---
     crop_padding: int = _field(4, integer(0, IMAGE_SIDE // 2))  # random crop of the zero-padded image (0: off)

@@ -9,6 +9,7 @@ checkpoints, so a resumed run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
 import warnings
@@ -92,6 +93,29 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
+def published_md5s() -> dict[str, str]:
+    """The md5 of each official CIFAR-10 batch file, as torchvision publishes them."""
+    from torchvision.datasets import CIFAR10
+
+    return dict(CIFAR10.train_list + CIFAR10.test_list)
+
+
+def verify_batch(path: Path) -> None:
+    """Raise ``CorruptDatasetError`` if ``path`` is not byte for byte the published CIFAR-10 file."""
+    expected = published_md5s()[path.name]
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise CorruptDatasetError(
+            f"{path} is not the published CIFAR-10 file (md5 {digest.hexdigest()}, expected {expected}): it was "
+            f"changed or damaged on disk. Delete the folder {path.parent} and run again to download a fresh copy "
+            f"(or put {ARCHIVE} in {path.parent.parent}). For a CIFAR-format data set of your own, set "
+            f"verify_data=False."
+        )
+
+
 def _batch_files_present(folder: Path) -> bool:
     return all((folder / name).is_file() for name in TRAIN_FILES + TEST_FILES)
 
@@ -155,11 +179,15 @@ def load_cifar10(
     download: bool = True,
     train_subset: int = 0,
     test_subset: int = 0,
+    verify: bool = True,
 ) -> CifarTensors:
-    """Load CIFAR-10 onto ``device``; ``*_subset > 0`` keeps only the first that many images."""
+    """Load CIFAR-10 onto ``device``; ``*_subset > 0`` keeps only the first that many images.
+    ``verify``: check each batch file against its published md5 first (``verify_batch``)."""
     folder = ensure_cifar10(root, download=download)
 
     def read(names: tuple[str, ...], limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for n in names if verify else ():
+            verify_batch(folder / n)
         parts = [read_batch(folder / n) for n in names]
         x = np.concatenate([p[0] for p in parts])
         y = np.concatenate([p[1] for p in parts])

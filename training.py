@@ -102,7 +102,12 @@ def load_data(cfg: Config) -> CifarTensors:
     """CIFAR-10 on the config's device, downloading it into ``data_dir`` if allowed and needed."""
     device = utils.resolve_device(cfg.device)
     return load_cifar10(
-        cfg.data_dir, device, download=cfg.download, train_subset=cfg.train_subset, test_subset=cfg.test_subset
+        cfg.data_dir,
+        device,
+        download=cfg.download,
+        train_subset=cfg.train_subset,
+        test_subset=cfg.test_subset,
+        verify=cfg.verify_data,
     )
 
 
@@ -127,7 +132,7 @@ def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
     """``warmup_epochs`` in steps, capped at ``MAX_WARMUP_FRACTION`` of the run (a 3-epoch trial
     would otherwise never leave a 10-epoch warmup)."""
     total = cfg.epochs * steps_per_epoch
-    return min(round(cfg.warmup_epochs * steps_per_epoch), round(MAX_WARMUP_FRACTION * total))
+    return round(min(cfg.warmup_epochs * steps_per_epoch, MAX_WARMUP_FRACTION * total))  # no round(inf)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
@@ -212,6 +217,11 @@ class Trainer:
         self._cpu_estimate_due = self.device.type == "cpu"
         self._build_state()
         self.console.hardware_warnings(self.device, self.amp_dtype, cpu_has_native_bf16())
+        if cfg.cuda_graphs and "reduce-overhead" not in self._compile_modes:
+            self.console.say(
+                f"note: cuda_graphs=True has no effect here: CUDA graphs need torch.compile on a CUDA device, and "
+                f"this run {'is compiled without them' if self._compile_modes else 'runs eagerly'} on {self.device}"
+            )
 
     def _build_state(self) -> None:
         """Model, optimizer, EMA, compiled step, loaders and counters as a fresh run starts them (seeded)."""

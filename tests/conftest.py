@@ -47,7 +47,7 @@ def reference_runs(tmp_path_factory):
     from data import load_cifar10
 
     root = tmp_path_factory.mktemp("reference")
-    return ReferenceRuns(root, load_cifar10(write_fake_cifar10(root / "data"), download=False))
+    return ReferenceRuns(root, load_cifar10(write_fake_cifar10(root / "data"), download=False, verify=False))
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def cifar(fake_cifar):
     """The generated CIFAR-10 loaded onto the CPU by the real loading code."""
     from data import load_cifar10
 
-    return load_cifar10(fake_cifar, download=False)
+    return load_cifar10(fake_cifar, download=False, verify=False)
 
 
 QUIET = dict(progress="off")  # Trainer keyword arguments: nothing on screen
@@ -82,6 +82,7 @@ def tiny(tmp_path, **overrides) -> Config:
         drop_path=0.2,
         dropout=0.1,
         device="cpu",
+        verify_data=False,  # generated CIFAR-format files, not the published ones
         checkpoint_dir=str(tmp_path / "checkpoint"),
         log_dir=str(tmp_path / "log"),
         plot_dir=str(tmp_path / "plots"),

@@ -41,6 +41,7 @@ BAD_VALUES = {
     "pool": "max",
     "attn_init": "xavier",
     "patch_embed_init": "kaiming",
+    "verify_data": "yes",
     "mlp_ratio": -4.0,
     "drop_path": 1.0,
     "dropout": -0.5,

@@ -24,7 +24,7 @@ from randomaug import RandAugment
 
 
 def test_loads_batches_as_uint8_nchw(fake_cifar):
-    d = load_cifar10(fake_cifar, download=False)
+    d = load_cifar10(fake_cifar, download=False, verify=False)
     assert d.x_train.shape == (200, 3, 32, 32) and d.x_train.dtype == torch.uint8
     assert d.y_train.shape == (200,) and d.y_train.dtype == torch.int64
     assert d.x_test.shape == (50, 3, 32, 32) and d.y_test.shape == (50,)
@@ -36,8 +36,8 @@ def test_loads_batches_as_uint8_nchw(fake_cifar):
 
 
 def test_subsets_keep_the_first_images(fake_cifar):
-    full = load_cifar10(fake_cifar, download=False)
-    d = load_cifar10(fake_cifar, download=False, train_subset=70, test_subset=9)
+    full = load_cifar10(fake_cifar, download=False, verify=False)
+    d = load_cifar10(fake_cifar, download=False, train_subset=70, test_subset=9, verify=False)
     assert len(d.x_train) == 70 and len(d.x_test) == 9
     assert torch.equal(d.x_train, full.x_train[:70]) and torch.equal(d.y_test, full.y_test[:9])
 
@@ -77,7 +77,7 @@ def test_truncated_batch_names_the_file(fake_cifar):
     path = fake_cifar / BATCH_FOLDER / "data_batch_3"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CorruptDatasetError, match="data_batch_3"):
-        load_cifar10(fake_cifar, download=False)
+        load_cifar10(fake_cifar, download=False, verify=False)
 
 
 def test_wrong_content_is_reported(fake_cifar):
@@ -85,7 +85,7 @@ def test_wrong_content_is_reported(fake_cifar):
     with open(path, "wb") as f:
         pickle.dump({"data": np.zeros((4, 100), np.uint8), "labels": [0, 1, 2, 3]}, f)
     with pytest.raises(CorruptDatasetError, match="test_batch.*3072"):
-        load_cifar10(fake_cifar, download=False)
+        load_cifar10(fake_cifar, download=False, verify=False)
 
 
 def _indexed(n):

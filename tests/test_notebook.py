@@ -78,6 +78,7 @@ def test_notebook_trains_then_resumes(tmp_path):
         log_dir=str(tmp_path / "log"),
         plot_dir=str(tmp_path / "plots"),
         progress="lines",
+        overrides={"verify_data": False},  # generated files, not the published ones
     )
     first = _execute(tmp_path, "first", epochs=2, **common)
     assert "starting fresh" in _text(first) and "finished: 2 of 2 epochs trained" in _text(first)
@@ -120,7 +121,7 @@ import sys, time
 sys.path.insert(0, {str(ROOT)!r})
 from config import Config
 from training import Trainer, load_data
-cfg = Config(epochs=3, dim=16, depth=1, heads=2, batch_size=10, device="cpu", data_dir={str(data)!r},
+cfg = Config(epochs=3, dim=16, depth=1, heads=2, batch_size=10, device="cpu", data_dir={str(data)!r}, verify_data=False,
              checkpoint_dir={str(tmp_path / "ck")!r}, log_dir={str(tmp_path / "log")!r},
              plot_dir={str(tmp_path / "p")!r})
 trainer = Trainer(cfg, load_data(cfg), progress="off")
@@ -219,7 +220,10 @@ def test_overrides_reach_the_saved_config_and_file_names_and_unknown_keys_stop(t
         progress="lines",
     )  # fmt: skip
     nb = _execute(
-        tmp_path, "overrides", overrides={"run_name": "big", "randaug_magnitude": 5, "ema_decay": 0.9}, **common
+        tmp_path,
+        "overrides",
+        overrides={"run_name": "big", "randaug_magnitude": 5, "ema_decay": 0.9, "verify_data": False},
+        **common,
     )
     saved = json.loads((tmp_path / "log" / "big_config.json").read_text())
     assert saved["randaug_magnitude"] == 5 and saved["ema_decay"] == 0.9 and saved["dim"] == 16
@@ -228,7 +232,7 @@ def test_overrides_reach_the_saved_config_and_file_names_and_unknown_keys_stop(t
     assert "WARNING: training on the CPU" in text and "CPU estimate: about" in text
     assert "epoch    1/1" in text  # one line per epoch, headless
     try:
-        _execute(tmp_path, "unknown", overrides='{"randaug_magnitud": 5}', **common)
+        _execute(tmp_path, "unknown", overrides='{"randaug_magnitud": 5, "verify_data": false}', **common)
     except papermill.PapermillExecutionError as e:
         assert "randaug_magnitud" in str(e) and "did you mean 'randaug_magnitude'" in str(e)
     else:

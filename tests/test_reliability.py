@@ -19,7 +19,7 @@ import run_files
 import run_lock
 from conftest import QUIET, assert_same_run, rows, tiny, train_all
 from data import CorruptDatasetError, ensure_cifar10, read_batch
-from run_files import CheckpointError
+from run_files import CheckpointError, RunPaths
 from run_lock import RunLock, RunLockedError
 from training import DivergenceError, Trainer, lr_at
 
@@ -313,3 +313,235 @@ def test_lowering_epochs_mid_run_redraws_the_cosine(cifar, tmp_path, capsys):
     spe, cfg = shorter.steps_per_epoch, shorter.cfg
     assert shorter.total_steps == 2 * spe  # the cosine now ends with epoch 2
     assert row["lr"] == pytest.approx(lr_at(2 * spe - 1, 2 * spe, shorter.warmup_steps, cfg.lr, cfg.min_lr))
+
+
+# --- Reliability II: one test per defect row (D1-D13) ---------------------------------------------
+
+
+def test_d1_an_interrupt_during_the_restore_restores_again_next_time(cifar, tmp_path, monkeypatch, reference_runs):
+    t = Trainer(tiny(tmp_path), cifar, **QUIET)
+    _interrupt_at(t, monkeypatch, step=t.steps_per_epoch + 2)
+    with pytest.raises(KeyboardInterrupt):
+        train_all(t)
+    real_read = t.files.read_latest
+    calls = []
+
+    def stop_pressed_again():  # the stop button hit while the checkpoint is read
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_read()
+
+    monkeypatch.setattr(t.files, "read_latest", stop_pressed_again)
+    with pytest.raises(KeyboardInterrupt):
+        train_all(t)
+    train_all(t)  # the cell run a third time: restores from the checkpoint, never from epoch 1
+    assert [r["epoch"] for r in rows(t.paths.csv)] == ["1", "2", "3"]
+    assert_same_run(reference_runs.get("default"), t)
+
+
+def test_d3_an_older_latest_put_back_by_hand_keeps_the_better_best(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path), cifar, **QUIET)
+    t.resume()
+    t.run_epoch(1)
+    t.files.wait_for_saves()
+    epoch1 = t.paths.latest.read_bytes()
+    t.run_epoch(2)
+    t.close()
+    state = torch.load(t.paths.best, weights_only=True)  # a better best on disk than epoch 1 remembers
+    state.update(best_acc=0.99, best_epoch=2)
+    torch.save(state, t.paths.best)
+    best = t.paths.best.read_bytes()
+    t.paths.latest.write_bytes(epoch1)  # what the corrupt-checkpoint message suggests: a good older latest
+    again = Trainer(tiny(tmp_path), cifar, progress="lines")
+    assert again.resume() == 1 and (again.best_acc, again.best_epoch) == (0.99, 2)
+    train_all(again)
+    assert t.paths.best.read_bytes() == best  # no epoch beat 99%: the best file was never replaced
+    assert "it stays the best" in t.paths.log.read_text()
+
+
+def test_d4_a_slow_epoch_keeps_its_lock_fresh_and_a_lost_lock_writes_nothing(cifar, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(run_lock, "STALE_SECONDS", 0.5)
+    t = Trainer(tiny(tmp_path), cifar, **QUIET)
+    t.resume()
+    beats = set()
+    for _ in range(3000):  # the timer rewrites the heartbeat while no epoch ends (a bound, not a timing)
+        beats.add(json.loads(t.paths.lock.read_text())["heartbeat"])
+        if len(beats) >= 4:
+            break
+        time.sleep(0.01)
+    assert len(beats) >= 4
+    monkeypatch.setattr(run_lock.socket, "gethostname", lambda: "another-host")
+    with pytest.raises(RunLockedError, match="is being trained by process"):
+        RunLock(t.paths.lock).acquire()  # another host sees a fresh heartbeat: refused
+    monkeypatch.undo()
+    real = t.train_epoch
+
+    def taken_over_mid_epoch():
+        stats = real()
+        t.paths.lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "token": "x", "heartbeat": time.time()}))
+        return stats
+
+    t.train_epoch = taken_over_mid_epoch
+    with pytest.raises(RunLockedError, match="no longer holds"):
+        t.run_epoch(1)
+    assert not t.paths.csv.exists() and not t.paths.latest.exists()  # checked before each write
+
+
+def test_d5_a_damaged_csv_header_is_rebuilt_and_the_rows_kept(cifar, tmp_path):
+    import figures
+    import report
+
+    t = Trainer(tiny(tmp_path), cifar, **QUIET)
+    t.resume()
+    t.run_epoch(1)
+    t.run_epoch(2)
+    t.close()
+    lines = t.paths.csv.read_bytes().split(b"\n")
+    t.paths.csv.write_bytes(b"\0" * len(lines[0]) + b"\n" + b"\n".join(lines[1:]))  # a power cut in the header
+    again = Trainer(tiny(tmp_path), cifar, **QUIET)
+    assert again.resume() == 2
+    table = rows(t.paths.csv)
+    assert list(table[0]) == again.csv_columns() and [r["epoch"] for r in table] == ["1", "2"]
+    assert "rebuilt the CSV's damaged header" in t.paths.log.read_text()
+    train_all(again)
+    assert report.summarize_run(t.paths.csv)["epochs"] == 3  # the results cells work again
+    figures.plot_run(t.paths.csv, tmp_path / "run.png")
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ("not json", "it is not JSON"),
+        ("[1, 2]", "it is not a JSON object"),
+        ('{"pid": "abc", "host": "h", "token": "t", "heartbeat": 1}', "its pid 'abc' is not a process id"),
+        ('{"pid": 1180591620717411303424, "host": "h", "token": "t", "heartbeat": 1}', "is not a process id"),
+        ('{"pid": 0, "host": "h", "token": "t", "heartbeat": 1}', "its pid 0 is not a process id"),
+        ('{"host": "h", "token": "t", "heartbeat": 1}', "its pid None is not a process id"),
+        ('{"pid": 5, "host": "h", "token": "t", "heartbeat": "soon"}', "its heartbeat 'soon' is not a time"),
+        ('{"pid": 5, "host": "h", "token": "t", "heartbeat": 1e12}', "in the future"),
+    ],
+)
+def test_d6_a_lock_file_with_odd_content_gets_a_clear_message(tmp_path, content, says):
+    path = tmp_path / "run.lock"
+    path.write_text(content)
+    with pytest.raises(run_lock.DamagedLockError) as info:
+        RunLock(path).acquire()
+    message = str(info.value)
+    assert says in message and str(path) in message and f"delete {path}" in message
+    assert path.read_text() == content  # nothing taken over or removed
+
+
+def test_d6_an_empty_lock_left_by_a_dead_writer_is_taken_over(tmp_path):
+    path = tmp_path / "run.lock"
+    path.write_text("")
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    lock = RunLock(path)
+    lock.acquire()
+    assert json.loads(path.read_text())["token"] == lock.token
+    lock.release()
+
+
+def test_d7_set_asides_in_one_second_keep_every_file(cifar, tmp_path):
+    csv_path = RunPaths.of(tiny(tmp_path)).csv
+    csv_path.parent.mkdir(parents=True)
+    for n in range(3):  # three fresh starts within a second, each finding an earlier CSV and no checkpoint
+        csv_path.write_text(f"epoch\n{n}\n")
+        t = Trainer(tiny(tmp_path), cifar, **QUIET)
+        assert t.resume() is None
+        t.close()
+    aside = sorted(csv_path.parent.glob("dyt_cifar10.*.orphaned.csv"))
+    assert sorted(p.read_text() for p in aside) == [f"epoch\n{n}\n" for n in range(3)]
+
+
+def test_d8_compare_seeds_as_a_string_is_parsed_and_checked_before_training():
+    from config import parse_seeds
+
+    assert parse_seeds("[0, 1]") == [0, 1]
+    with pytest.raises(ValueError, match="compare_seeds is not a JSON list"):
+        parse_seeds("[0, 1")
+
+
+def test_d9_values_config_cannot_run_are_refused_or_computed_lazily(tmp_path):
+    import figures
+    from config import Config
+    from training import warmup_steps
+
+    with pytest.raises(ValueError, match="eval_batch_size must be an integer >= 1 and <= 10000"):
+        Config(eval_batch_size=10**9)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1 and <= 50000"):
+        Config(batch_size=10**9)
+    assert warmup_steps(Config(warmup_epochs=1e308, epochs=10), 100) == 100  # capped, no OverflowError
+    calls = []
+
+    def lr(step):
+        calls.append(step)
+        return 1.0
+
+    figures.plot_schedule(lr, 10**6 * 195, 195, tmp_path / "s.png")  # epochs = 10**6: no list of every step
+    assert len(calls) == figures.SCHEDULE_POINTS and calls[0] == 0 and calls[-1] == 10**6 * 195 - 1
+
+
+def test_d10_a_lock_file_deleted_by_hand_is_taken_again_and_said(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path), cifar, progress="lines")
+    t.resume()
+    t.run_epoch(1)
+    t.paths.lock.unlink()
+    t.run_epoch(2)
+    t.run_epoch(3)
+    assert [r["epoch"] for r in rows(t.paths.csv)] == ["1", "2", "3"]
+    assert t.paths.log.read_text().count("was deleted while this run trained; it is taken again") == 1
+    assert json.loads(t.paths.lock.read_text())["token"] == t.files.lock.token
+
+
+def test_d11_compile_time_is_not_in_the_cpu_estimate_and_cuda_graphs_on_a_cpu_is_said(
+    cifar, tmp_path, monkeypatch, capsys
+):
+    import step
+
+    clock = {"now": 0.0}
+
+    def fake_perf_counter():
+        return clock["now"]
+
+    real_step = step.CompiledStep._step
+
+    def step_taking_time(self, x, targets):  # each proof step "compiles" for 100 s, others take 1 s
+        clock["now"] += 100.0 if self._unproven_steps else 1.0
+        return real_step(self, x, targets)
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)
+    monkeypatch.setattr(step.CompiledStep, "_step", step_taking_time)
+    monkeypatch.setattr(step.time, "perf_counter", fake_perf_counter)
+    t = Trainer(tiny(tmp_path, epochs=1, compile=True, cuda_graphs=True, batch_size=10), cifar, progress="lines")
+    train_all(t)
+    out = capsys.readouterr().out
+    assert "cuda_graphs=True has no effect here" in out and "is compiled without them on cpu" in out
+    # 3 proof steps of 100 s are compile time; the estimate sees the steps' 0 s of training time.
+    assert "CPU estimate: about 0s per epoch" in out and t.compile_seconds >= 300
+
+
+def test_d12_a_checkpoint_missing_keys_names_the_file(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, **QUIET)
+    train_all(t)
+    t.close()
+    state = torch.load(t.paths.latest, weights_only=True)
+    for key in ("model", "epoch"):
+        del state[key]
+    torch.save(state, t.paths.latest)
+    with pytest.raises(CheckpointError, match="lacks model, epoch") as info:
+        Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET).resume()
+    assert str(t.paths.latest) in str(info.value)
+
+
+def test_d13_an_extracted_batch_file_that_differs_from_the_published_one_is_refused(fake_cifar):
+    from data import load_cifar10, published_md5s
+
+    folder = fake_cifar / "cifar-10-batches-py"
+    with pytest.raises(CorruptDatasetError, match="data_batch_1 is not the published CIFAR-10 file") as info:
+        load_cifar10(fake_cifar, download=False)
+    assert published_md5s()["data_batch_1"] in str(info.value) and "verify_data=False" in str(info.value)
+    assert f"Delete the folder {folder}" in str(info.value)
+    assert len(load_cifar10(fake_cifar, download=False, verify=False).x_test) == 50  # a data set of one's own

@@ -24,7 +24,7 @@ def _base(tmp_path, data, **kw) -> Config:
     values = dict(
         epochs=2, dim=16, depth=1, heads=2, batch_size=50, eval_batch_size=50, device="cpu", data_dir=str(data),
         download=False, checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "log"),
-        plot_dir=str(tmp_path / "plots"), clean_train_images=50,
+        plot_dir=str(tmp_path / "plots"), clean_train_images=50, verify_data=False,
     )  # fmt: skip
     values.update(kw)
     return Config(**values)
