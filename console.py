@@ -13,6 +13,7 @@ import utils
 MODES = ("bars", "lines", "off")  # progress bars and lines / a line per epoch (headless) / nothing on screen
 PROGRESS_EVERY = 50  # steps between progress-bar updates: the only host syncs inside an epoch
 CPU_ESTIMATE_STEPS = 3  # steps timed on a CPU before the first estimate of the time per epoch
+LIVE_EVERY_SECONDS = 10.0  # the live figure is redrawn after an epoch at most this often (and after the last)
 
 
 class Console:
@@ -23,10 +24,11 @@ class Console:
         log: writes a line to the run's text log (every line goes there, whatever the mode).
     """
 
-    def __init__(self, mode: str, log: Callable[[str], None]):
+    def __init__(self, mode: str, log: Callable[[str], None], live: Optional[LiveCurves] = None):
         assert mode in MODES, mode
         self.mode = mode
         self.log = log
+        self.live = live  # the training curves redrawn in place (Jupyter with someone watching)
         self.epoch_seconds: list[float] = []  # wall seconds of each epoch trained here (compile time excluded)
 
     def say(self, line: str, echo: bool = True) -> None:
@@ -66,6 +68,25 @@ class Console:
     def epoch_bar(self, steps: int, epoch: int) -> Optional[EpochBar]:
         return EpochBar(steps, epoch) if self.mode == "bars" else None
 
+    def eval_bar(self, batches: int):
+        """A short bar while the test set (and the clean training images) are scored; None unless bars."""
+        if self.mode != "bars":
+            return None
+        return utils.progress_bar(batches, "evaluating", leave=False, unit="batch")
+
+    def epoch_done(self, device: torch.device, stats: dict, epochs_left: int, csv_path) -> None:
+        """After an epoch's line: on a CPU, the estimate again after the first epoch (evaluation and
+        checkpoint included, warm-up steps behind); the live curves, when shown."""
+        if device.type == "cpu" and len(self.epoch_seconds) == 1 and epochs_left:
+            per_epoch = self.epoch_seconds[0]
+            self.say(
+                f"CPU estimate after the first epoch: {utils.duration(per_epoch)} per epoch (training "
+                f"{utils.duration(stats['train_seconds'])}, evaluation {utils.duration(stats['eval_seconds'])}), "
+                f"about {utils.duration(per_epoch * epochs_left)} for the {utils.plural(epochs_left, 'epoch')} left."
+            )
+        if self.live is not None:
+            self.live.update(csv_path, final=epochs_left <= 0)
+
     def cpu_estimate(self, seconds_per_step: float, steps_per_epoch: int, epochs_left: int) -> None:
         per_epoch = seconds_per_step * steps_per_epoch
         self.say(
@@ -99,3 +120,33 @@ class EpochBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class LiveCurves:
+    """The run's loss and accuracy curves, redrawn in place in the notebook (one figure, not one per
+    epoch) after an epoch, at most every ``LIVE_EVERY_SECONDS`` and after the last one.
+
+    Args:
+        draw: writes the figure of a CSV to a PNG path (``figures.plot_progress``).
+        path: the PNG to write.
+        display: IPython's ``display`` (injected, so it can be tested without a notebook).
+    """
+
+    def __init__(self, draw: Callable, path, display: Callable):
+        self.draw, self.path, self.display = draw, path, display
+        self.handle = None
+        self.last = -float("inf")
+
+    def update(self, csv_path, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last < LIVE_EVERY_SECONDS:
+            return
+        self.last = now
+        self.draw(csv_path, self.path)
+        from IPython.display import Image
+
+        image = Image(filename=str(self.path))
+        if self.handle is None:
+            self.handle = self.display(image, display_id=True)
+        else:
+            self.handle.update(image)

@@ -109,10 +109,10 @@ def verify_batch(path: Path) -> None:
             digest.update(block)
     if digest.hexdigest() != expected:
         raise CorruptDatasetError(
-            f"{path} is not the published CIFAR-10 file (md5 {digest.hexdigest()}, expected {expected}): it was "
-            f"changed or damaged on disk. Delete the folder {path.parent} and run again to download a fresh copy "
-            f"(or put {ARCHIVE} in {path.parent.parent}). For a CIFAR-format data set of your own, set "
-            f"verify_data=False."
+            f"{path} is not the published CIFAR-10 file (md5 {digest.hexdigest()}, expected {expected}). If it is "
+            f"a CIFAR-format data set of your own, set verify_data=False. Otherwise it was changed or damaged on "
+            f"disk: delete the folder {path.parent} and run again to download a fresh copy (or put {ARCHIVE} "
+            f"in {path.parent.parent})."
         )
 
 

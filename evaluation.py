@@ -4,7 +4,7 @@ model sees one shape; all scores of one evaluation come back in one host sync.""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +33,17 @@ class Evaluator:
             DeviceLoader(data.x_train[:n_clean], data.y_train[:n_clean], batch_size, train=False) if n_clean else None
         )
 
+    def batches(self, with_ema: bool) -> int:
+        """Forward passes of one ``scores`` call."""
+        clean = len(self.clean_train_loader) if self.clean_train_loader is not None else 0
+        return len(self.test_loader) * (2 if with_ema else 1) + clean
+
     @torch.no_grad()
     def predict(
-        self, model: nn.Module, loader: Optional[DeviceLoader] = None
+        self, model: nn.Module, loader: Optional[DeviceLoader] = None, on_batch: Optional[Callable[[], None]] = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits (float32) and labels of ``loader`` (default: the test set) under ``model`` in eval mode,
-        and the summed cross-entropy."""
+        and the summed cross-entropy; ``on_batch`` is called after each forward pass."""
         model.eval()
         outs, labels = [], []
         bs = self.batch_size
@@ -49,20 +54,24 @@ class Evaluator:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 outs.append(model(x)[:n].float().clone())  # a CUDA graph's output is overwritten by its next replay
             labels.append(y)
+            if on_batch is not None:
+                on_batch()
         logits, labels = torch.cat(outs), torch.cat(labels)
         return logits, labels, F.cross_entropy(logits, labels, reduction="sum")
 
-    def scores(self, model: nn.Module, ema: Optional[nn.Module] = None) -> dict[str, float]:
+    def scores(
+        self, model: nn.Module, ema: Optional[nn.Module] = None, on_batch: Optional[Callable[[], None]] = None
+    ) -> dict[str, float]:
         """``test_loss``, ``test_acc`` (and ``ema_``-prefixed for ``ema``), and ``train_clean_acc`` of
-        ``model`` when clean training images are scored."""
+        ``model`` when clean training images are scored; ``on_batch`` after each forward pass."""
         scored = {}
         for prefix, net in (("", model), ("ema_", ema)):
             if net is not None:
-                logits, labels, loss_sum = self.predict(net)
+                logits, labels, loss_sum = self.predict(net, on_batch=on_batch)
                 scored[f"{prefix}test_loss"] = loss_sum / len(labels)
                 scored[f"{prefix}test_acc"] = (logits.argmax(-1) == labels).float().mean()
         if self.clean_train_loader is not None:
-            logits, labels, _ = self.predict(model, self.clean_train_loader)
+            logits, labels, _ = self.predict(model, self.clean_train_loader, on_batch)
             scored["train_clean_acc"] = (logits.argmax(-1) == labels).float().mean()
         values = torch.stack(list(scored.values())).tolist()  # one host sync
         return dict(zip(scored, values))

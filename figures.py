@@ -76,6 +76,32 @@ def plot_run(csv_path: str | Path, out_path: str | Path, title: str = "", mixup:
     return fig
 
 
+def plot_progress(csv_path: str | Path, out_path: str | Path, title: str = ""):
+    """Loss and accuracy per epoch so far, small: the figure redrawn while a run trains."""
+    import pandas as pd
+    from matplotlib.ticker import MaxNLocator
+
+    df = pd.read_csv(csv_path)
+    fig, ax = _figure(1, 2, (10, 3.4))
+    ax[0, 0].plot(df.epoch, df.train_loss, label="train")
+    ax[0, 0].plot(df.epoch, df.test_loss, label="test")
+    ax[0, 0].set(title="loss")
+    if "train_clean_acc" in df:
+        ax[0, 1].plot(df.epoch, 100 * df.train_clean_acc, label="train (clean images)")
+    ax[0, 1].plot(df.epoch, 100 * df.test_acc, label=f"test (last {100 * df.test_acc.iloc[-1]:.2f}%)")
+    if "ema_test_acc" in df:
+        ax[0, 1].plot(df.epoch, 100 * df.ema_test_acc, label="test, EMA weights")
+    ax[0, 1].set(title="accuracy (%)")
+    for a in ax.flat:
+        a.legend()
+        a.grid(alpha=0.3)
+        a.set(xlabel="epoch")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title or Path(csv_path).stem)
+    _save(fig, out_path)
+    return fig
+
+
 def plot_images(images: torch.Tensor, labels: torch.Tensor, out_path: Optional[str | Path] = None, cols: int = 8):
     """A grid of images (B, 3, H, W), uint8 or normalised float, titled with class names."""
     x = images.detach().float().cpu()

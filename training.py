@@ -30,7 +30,7 @@ from torch import nn
 
 import utils
 from config import NORM_NAMES, Config, norm_layer
-from console import CPU_ESTIMATE_STEPS, Console
+from console import CPU_ESTIMATE_STEPS, Console, LiveCurves
 from data import CLASSES, CifarTensors, DeviceLoader, Mixup, TrainAugment, load_cifar10, normalize
 from evaluation import Evaluator
 from models import ViT, alphas, count_parameters, gains, scale_mimetic_to_inputs_
@@ -43,6 +43,26 @@ RESEED_STRIDE = 1_000_003  # loader seed after a device-type change: seed * stri
 TIME_COLUMNS = ("train_seconds", "eval_seconds", "checkpoint_seconds", "compile_seconds", "images_per_second")
 MIMETIC_IMAGES = 256  # training images (unaugmented) that size mimetic init under DyT
 EMA_WARMUP = 10  # EMA decay ramps as (1 + n) / (EMA_WARMUP + n) over the first updates
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """The stop button (or Ctrl-C) during an epoch. Still a ``KeyboardInterrupt``, so "Run All" stops;
+    IPython shows ``_render_traceback_()`` (what happened and what to do) instead of torch's traceback."""
+
+    def __init__(self, epoch: int, step: int, latest: Path, saved_epoch: Optional[int]):
+        where = (
+            f"the last checkpoint is {latest} (epoch {saved_epoch})"
+            if saved_epoch is not None
+            else "no epoch had finished, so the run starts again from its beginning"
+        )
+        self.message = (
+            f"Stopped in epoch {epoch} at step {step}; that epoch's progress is discarded and {where}. "
+            f"Run this cell again to resume."
+        )
+        super().__init__(self.message)
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"TrainingInterrupted: {self.message}"]
 
 
 class DivergenceError(RuntimeError):
@@ -211,7 +231,7 @@ class Trainer:
         self.steps_per_epoch = len(data.x_train) // cfg.batch_size
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = warmup_steps(cfg, self.steps_per_epoch)
-        self.console = Console(progress, self.files.log)
+        self.console = Console(progress, self.files.log, self._live_curves(progress))
         self.evaluator = Evaluator(data, cfg.eval_batch_size, cfg.clean_train_images, self.amp_dtype)
         self._interrupted = False  # an epoch started and did not finish: memory is not a checkpoint
         self._cpu_estimate_due = self.device.type == "cpu"
@@ -222,6 +242,17 @@ class Trainer:
                 f"note: cuda_graphs=True has no effect here: CUDA graphs need torch.compile on a CUDA device, and "
                 f"this run {'is compiled without them' if self._compile_modes else 'runs eagerly'} on {self.device}"
             )
+
+    def _live_curves(self, progress: str) -> Optional[LiveCurves]:
+        """With bars in a Jupyter kernel someone watches: the curves redrawn in place after epochs."""
+        if progress != "bars" or not utils.live_jupyter():
+            return None
+        from IPython.display import display
+
+        import figures
+
+        title = f"{self.cfg.name}: live"
+        return LiveCurves(lambda csv, png: figures.plot_progress(csv, png, title), self.paths.figure("live"), display)
 
     def _build_state(self) -> None:
         """Model, optimizer, EMA, compiled step, loaders and counters as a fresh run starts them (seeded)."""
@@ -526,21 +557,35 @@ class Trainer:
         return scored
 
     def _evaluate(self) -> dict:
-        return self.evaluator.scores(*self.compiled_step.eval_models())
+        model, ema = self.compiled_step.eval_models()
+        bar = self.console.eval_bar(self.evaluator.batches(with_ema=ema is not None))
+        try:
+            return self.evaluator.scores(model, ema, on_batch=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def run_epoch(self, epoch: int) -> dict:
         """Train epoch ``epoch`` (must be the next one), evaluate, keep the best, record; returns the
-        CSV row. If the previous epoch was interrupted, the last checkpoint is restored first."""
-        self._check_next(epoch)
-        self._interrupted = True  # until this epoch is recorded
-        wall = time.perf_counter()
-        stats = self.train_epoch()
-        stats.update(self._timed_evaluation())
-        self.epoch = epoch
-        improved = self._update_best(stats)
-        row = self._record(stats, improved)
+        CSV row. If the previous epoch was interrupted, the last checkpoint is restored first. The stop
+        button raises ``TrainingInterrupted``: a ``KeyboardInterrupt`` that Jupyter shows as a few lines."""
+        try:
+            self._check_next(epoch)
+            self._interrupted = True  # until this epoch is recorded
+            wall = time.perf_counter()
+            stats = self.train_epoch()
+            stats.update(self._timed_evaluation())
+            self.epoch = epoch
+            improved = self._update_best(stats)
+            row = self._record(stats, improved)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            saved = self.epoch if self.paths.latest.exists() else None
+            raise TrainingInterrupted(epoch, self.step, self.paths.latest, saved) from None
         self.console.epoch_seconds.append(time.perf_counter() - wall - stats["compile_seconds"])
         self.console.epoch_line(self.epoch, self.cfg.epochs, stats, self.best_acc, self.best_epoch)
+        self.console.epoch_done(self.device, stats, self.cfg.epochs - self.epoch, self.paths.csv)
         self._interrupted = False
         return row
 

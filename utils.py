@@ -31,18 +31,37 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def progress_renders() -> bool:
-    """Whether progress bars show up: a terminal, or a Jupyter kernel (widgets). Not a pipe or a log
-    file, where they only clutter the output (``resolve_progress`` then chooses one line per epoch)."""
+HEADLESS_RUNNERS = ("papermill", "nbconvert", "nbclient")  # programs that run a notebook's kernel without a person
+
+
+def headless_kernel() -> bool:
+    """Whether this Jupyter kernel was started by a program that runs notebooks unattended
+    (papermill, ``jupyter nbconvert --execute``), read from its parent's command line where the
+    system shows it (Linux); elsewhere False."""
+    parent = os.environ.get("JPY_PARENT_PID") or str(os.getppid())
+    try:
+        command = Path(f"/proc/{parent}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return any(name in command for name in HEADLESS_RUNNERS)
+
+
+def live_jupyter() -> bool:
+    """A Jupyter kernel with a person watching: widgets and figures that update in place render."""
     try:
         from IPython import get_ipython
 
         shell = get_ipython()
     except ImportError:
         shell = None
-    if shell is not None and type(shell).__name__ == "ZMQInteractiveShell":
-        return True
-    return sys.stdout.isatty()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell" and not headless_kernel()
+
+
+def progress_renders() -> bool:
+    """Whether progress bars show up: a terminal, or a Jupyter kernel someone watches (widgets). Not a
+    pipe, a log file or papermill, where they only clutter the output (``resolve_progress`` then
+    chooses one line per epoch)."""
+    return live_jupyter() or sys.stdout.isatty()
 
 
 def resolve_progress(progress: str) -> str:

@@ -3,6 +3,8 @@ generated CIFAR-10 files in torchvision's layout, then again with more epochs to
 
 import ast
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -106,7 +108,8 @@ def test_notebook_trains_then_resumes(tmp_path):
     assert "per group (mean and std over seeds)" in text
 
     third = _execute(tmp_path, "third", epochs=3, **common)  # finished: results again, no training
-    assert "resuming after epoch 3 of 3" in _text(third) and len(read_csv(csv_path)) == 3
+    assert "finished: 3 of 3 epochs trained" in _text(third) and "To train longer, raise epochs" in _text(third)
+    assert "resuming" not in _text(third) and len(read_csv(csv_path)) == 3
 
 
 def test_stop_button_mid_epoch_then_rerun_resumes_cleanly_in_a_real_kernel(tmp_path):
@@ -142,7 +145,10 @@ trainer.train_step = slow_step
         km.interrupt_kernel()
         reply = kc.get_shell_msg(timeout=60)
         assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["status"] == "error"
-        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert reply["content"]["ename"] == "TrainingInterrupted"
+        shown = "\n".join(reply["content"]["traceback"])  # what Jupyter prints under the cell: a few lines
+        assert len(shown.splitlines()) <= 3 and "Stopped in epoch 2 at step" in shown
+        assert "the last checkpoint is" in shown and "(epoch 1)" in shown and "Run this cell again to resume" in shown
         assert kc.execute_interactive(loop, timeout=120)["content"]["status"] == "ok"
     finally:
         kc.stop_channels()
@@ -151,6 +157,15 @@ trainer.train_step = slow_step
     assert latest["epoch"] == 3 and latest["step"] == 3 * 30
     assert [r["epoch"] for r in read_csv(tmp_path / "log" / "dyt_cifar10.csv")] == ["1", "2", "3"]
     assert "restored after an interrupted epoch" in (tmp_path / "log" / "dyt_cifar10.log").read_text()
+
+
+def test_every_parameter_has_a_type_and_a_help_line_for_papermill():
+    import papermill
+
+    inspected = papermill.inspect_notebook(str(NOTEBOOK))
+    assert inspected and all(p["inferred_type_name"] not in ("None", "") and p["help"] for p in inspected.values()), [
+        n for n, p in inspected.items() if p["inferred_type_name"] in ("None", "") or not p["help"]
+    ]
 
 
 def test_every_parameter_parses():
@@ -210,33 +225,38 @@ def test_every_parameter_reaches_the_config_or_the_notebook():
     assert names <= read, sorted(names - read)
 
 
-def test_overrides_reach_the_saved_config_and_file_names_and_unknown_keys_stop(tmp_path):
-    import papermill
-
+def test_the_readme_command_prints_epoch_lines_on_the_terminal_and_overrides_reach_the_files(tmp_path):
+    # As the README runs it: the papermill command line with --log-output and progress left at "auto".
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=20)
-    common = dict(
-        dim=16, depth=1, heads=2, batch_size=50, epochs=1, device="cpu", data_dir=str(data),
+    out = tmp_path / "log" / "out.ipynb"
+    out.parent.mkdir()
+    params = dict(
+        dim=16, depth=1, heads=2, batch_size=50, epochs=2, device="cpu", data_dir=str(data),
         checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "log"), plot_dir=str(tmp_path / "plots"),
-        progress="lines",
     )  # fmt: skip
-    nb = _execute(
-        tmp_path,
-        "overrides",
-        overrides={"run_name": "big", "randaug_magnitude": 5, "ema_decay": 0.9, "verify_data": False},
-        **common,
-    )
+    overrides = {"run_name": "big", "randaug_magnitude": 5, "ema_decay": 0.9, "verify_data": False}
+    command = [sys.executable, "-m", "papermill", str(NOTEBOOK), str(out), "--log-output", "--cwd", str(ROOT)]
+    command += [a for k, v in params.items() for a in ("-p", k, str(v))] + ["-p", "overrides", json.dumps(overrides)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    terminal = done.stdout + done.stderr
+    assert done.returncode == 0, terminal[-3000:]
+    assert "epoch    1/2" in terminal and "epoch    2/2" in terminal  # each epoch's line reaches the terminal
+    assert "it/s]" not in terminal and "step/s]" not in terminal  # no progress bars in a headless run
+    assert "WARNING: training on the CPU (2 threads)" in terminal or "WARNING: training on the CPU" in terminal
+    assert "CPU estimate after the first epoch" in terminal
     saved = json.loads((tmp_path / "log" / "big_config.json").read_text())
     assert saved["randaug_magnitude"] == 5 and saved["ema_decay"] == 0.9 and saved["dim"] == 16
     assert (tmp_path / "ck" / "big_latest.pth").exists() and (tmp_path / "plots" / "big_training.png").exists()
-    text = _text(nb)
-    assert "WARNING: training on the CPU" in text and "CPU estimate: about" in text
-    assert "epoch    1/1" in text  # one line per epoch, headless
-    try:
-        _execute(tmp_path, "unknown", overrides='{"randaug_magnitud": 5, "verify_data": false}', **common)
-    except papermill.PapermillExecutionError as e:
-        assert "randaug_magnitud" in str(e) and "did you mean 'randaug_magnitude'" in str(e)
-    else:
-        raise AssertionError("an unknown override key must stop the notebook")
+    log = (tmp_path / "log" / "big.log").read_text()
+    assert "WARNING: training on the CPU" in log  # said before the log opened, written to it all the same
+
+
+def test_an_unknown_override_stops_with_the_closest_field(tmp_path):
+    import papermill
+
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=20)
+    with pytest.raises(papermill.PapermillExecutionError, match="did you mean 'randaug_magnitude'"):
+        _execute(tmp_path, "unknown", data_dir=str(data), overrides='{"randaug_magnitud": 5}', log_dir=str(tmp_path))
 
 
 def _bootstrap_source() -> str:
@@ -257,13 +277,25 @@ def test_first_cell_on_a_blank_runtime_says_how_to_get_the_code(tmp_path, monkey
     assert "git clone" in message and "%cd dyt_cifar10" in message and "%pip install -r requirements.txt" in message
 
 
-def test_first_cell_finds_an_uploaded_project_folder(tmp_path, monkeypatch):
-    project = tmp_path / "dyt_cifar10"
+def _fake_project(folder: Path) -> Path:
     for name in ("config.py", "training.py", "data.py", "randomaug.py", "models/dyt.py"):
-        (project / name).parent.mkdir(parents=True, exist_ok=True)
-        (project / name).write_text("")
-    (tmp_path / "blank").mkdir()
-    monkeypatch.chdir(tmp_path / "blank")
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("")
+    return folder
+
+
+def test_first_cell_uses_the_clone_its_instructions_make_and_says_so(tmp_path, monkeypatch, capsys):
+    clone = _fake_project(tmp_path / "work" / "dyt_cifar10")
+    monkeypatch.chdir(tmp_path / "work")  # a restarted kernel: back in the folder the clone was made in
     monkeypatch.setattr("sys.path", list(__import__("sys").path))
     exec(_bootstrap_source(), {})
-    assert Path.cwd() == project
+    assert Path.cwd() == clone and "using the clone made by this cell's instructions" in capsys.readouterr().out
+
+
+def test_first_cell_adopts_no_other_clone(tmp_path, monkeypatch):
+    _fake_project(tmp_path / "some_other_checkout")  # a sibling folder the user did not point at
+    (tmp_path / "blank").mkdir()
+    monkeypatch.chdir(tmp_path / "blank")
+    with pytest.raises(RuntimeError, match="git clone"):
+        exec(_bootstrap_source(), {})
+    assert Path.cwd() == tmp_path / "blank"

@@ -543,5 +543,5 @@ def test_d13_an_extracted_batch_file_that_differs_from_the_published_one_is_refu
     with pytest.raises(CorruptDatasetError, match="data_batch_1 is not the published CIFAR-10 file") as info:
         load_cifar10(fake_cifar, download=False)
     assert published_md5s()["data_batch_1"] in str(info.value) and "verify_data=False" in str(info.value)
-    assert f"Delete the folder {folder}" in str(info.value)
+    assert f"delete the folder {folder}" in str(info.value)
     assert len(load_cifar10(fake_cifar, download=False, verify=False).x_test) == 50  # a data set of one's own

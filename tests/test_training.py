@@ -401,7 +401,7 @@ def test_checkpoint_from_another_device_type_resumes_with_reseeded_loader(cifar,
 def test_a_short_run_on_2000_images_learns_well_above_chance(tmp_path):
     from conftest import write_fake_cifar10
 
-    data = load_cifar10(write_fake_cifar10(tmp_path / "data", per_batch=400, test=500), download=False)
+    data = load_cifar10(write_fake_cifar10(tmp_path / "data", per_batch=400, test=500), download=False, verify=False)
     cfg = tiny(tmp_path, epochs=3, dim=32, batch_size=64, lr=3e-3, drop_path=0.1, dropout=0.0, warmup_epochs=10)
     t = Trainer(cfg, data, **QUIET)
     assert t.warmup_steps == round(0.1 * 3 * t.steps_per_epoch)  # capped: a 10-epoch warmup would never end

@@ -1,0 +1,129 @@
+"""What a run shows (console.py): one line per epoch, the evaluation bar, the CPU estimates, the live
+curves redrawn in place, and the stop button's short message."""
+
+import pytest
+import torch
+
+import console
+import utils
+from conftest import tiny, train_all
+from console import Console, LiveCurves
+from training import Trainer, TrainingInterrupted
+
+
+def test_lines_mode_prints_each_epoch_and_the_cpu_estimates_with_evaluation(cifar, tmp_path, capsys):
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, progress="lines")
+    train_all(t)
+    out = capsys.readouterr().out
+    assert out.count("epoch    1/2") == 1 and out.count("epoch    2/2") == 1
+    assert "CPU estimate: about" in out and "(evaluation not included)" in out
+    estimate = next(line for line in out.splitlines() if line.startswith("CPU estimate after the first epoch"))
+    assert "evaluation" in estimate and "for the 1 epoch left" in estimate  # one epoch, not "1 epochs"
+    assert "WARNING: training on the CPU" in t.paths.log.read_text()  # said before the log opened
+
+
+def test_off_mode_shows_nothing_and_logs_everything(cifar, tmp_path, capsys):
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, progress="off")
+    train_all(t)
+    assert capsys.readouterr().out == ""
+    log = t.paths.log.read_text()
+    assert "epoch    1/1" in log and "CPU estimate" in log
+
+
+def test_bars_mode_shows_an_evaluation_bar_over_every_forward_pass(cifar, tmp_path, monkeypatch):
+    made = []
+
+    class Bar:
+        def __init__(self, total, desc="", **kwargs):
+            self.total, self.desc, self.n, self.closed = total, desc, 0, False
+            made.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(utils, "progress_bar", Bar)
+    t = Trainer(tiny(tmp_path, epochs=1, ema_decay=0.9, clean_train_images=64, eval_batch_size=20), cifar)
+    train_all(t)
+    evaluating = [b for b in made if b.desc == "evaluating"]
+    # 50 test images in 3 passes, for the trained and the EMA weights, and 64 clean training images in 4.
+    assert len(evaluating) == 1 and evaluating[0].total == evaluating[0].n == 3 + 3 + 4 and evaluating[0].closed
+
+
+def test_live_curves_draw_once_then_update_in_place_at_most_every_few_seconds(tmp_path, monkeypatch):
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(console.time, "monotonic", lambda: clock["now"])
+    drawn, shown = [], []
+
+    class Handle:
+        def update(self, image):
+            shown.append(("update", image.filename))
+
+    def display(image, display_id):
+        assert display_id is True
+        shown.append(("display", image.filename))
+        return Handle()
+
+    png = tmp_path / "live.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n")
+
+    live = LiveCurves(lambda csv, path: drawn.append(csv), png, display)
+    for seconds, final in ((0, False), (3, False), (console.LIVE_EVERY_SECONDS, False), (1, False), (1, True)):
+        clock["now"] += seconds
+        live.update("run.csv", final=final)
+    assert len(drawn) == 3  # the first epoch, one 10 s later, and the last; not the ones in between
+    assert [kind for kind, _ in shown] == ["display", "update", "update"] and {f for _, f in shown} == {str(png)}
+
+
+def test_a_trainer_draws_live_curves_only_where_someone_watches(cifar, tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "live_jupyter", lambda: False)
+    assert Trainer(tiny(tmp_path / "a"), cifar).console.live is None
+    monkeypatch.setattr(utils, "live_jupyter", lambda: True)
+    assert Trainer(tiny(tmp_path / "b"), cifar, progress="lines").console.live is None
+    assert isinstance(Trainer(tiny(tmp_path / "c"), cifar).console.live, LiveCurves)
+
+
+def test_papermill_and_nbconvert_kernels_are_headless(monkeypatch, tmp_path):
+    monkeypatch.setenv("JPY_PARENT_PID", "12345")
+    commands = {"/proc/12345/cmdline": b"python\0-m\0papermill\0in.ipynb\0out.ipynb\0"}
+    real_read = utils.Path.read_bytes
+    monkeypatch.setattr(utils.Path, "read_bytes", lambda p: commands.get(str(p)) or real_read(p))
+    assert utils.headless_kernel()
+    commands["/proc/12345/cmdline"] = b"/usr/bin/python3\0/usr/local/bin/jupyter-lab\0"
+    assert not utils.headless_kernel()
+
+
+def test_the_stop_message_is_a_few_lines_and_still_a_keyboard_interrupt(cifar, tmp_path, monkeypatch):
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, progress="off")
+    t.resume()
+    t.run_epoch(1)
+    real = t.train_step
+
+    def stop(x, targets):
+        if t.step == t.steps_per_epoch + 2:
+            raise KeyboardInterrupt
+        return real(x, targets)
+
+    monkeypatch.setattr(t, "train_step", stop)
+    with pytest.raises(KeyboardInterrupt) as info:
+        t.run_epoch(2)
+    assert isinstance(info.value, TrainingInterrupted)
+    (shown,) = info.value._render_traceback_()
+    assert shown.startswith(f"TrainingInterrupted: Stopped in epoch 2 at step {t.steps_per_epoch + 2}")
+    assert f"the last checkpoint is {t.paths.latest} (epoch 1)" in shown and "Run this cell again" in shown
+    monkeypatch.undo()
+    train_all(t)
+    assert t.epoch == 2 and torch.isfinite(next(t.model.parameters())).all()
+
+
+def test_console_words(capsys):
+    lines = []
+    c = Console("lines", lines.append)
+    c.cpu_estimate(0.5, 10, 1)
+    assert lines == ["CPU estimate: about 5s per epoch of training, 5s for the 1 epoch left (evaluation not included)."]
+    assert utils.plural(1, "thread") == "1 thread" and utils.plural(2, "warmup step") == "2 warmup steps"
