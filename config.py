@@ -114,7 +114,7 @@ class Config:
     test_subset: int = _field(0, integer(0))  # only the first N test images (0: all 10,000)
     batch_size: int = _field(256, integer(1, 50_000))  # training images per step
     eval_batch_size: int = _field(1000, integer(1, 10_000), resumable=True)  # test images per forward pass
-    clean_train_images: int = _field(10_000, integer(0))  # train images scored unaugmented each epoch (0: off)
+    clean_train_images: int = _field(2_000, integer(0), resumable=True)  # train images scored unaugmented (0: off)
     # --- augmentation ---
     crop_padding: int = _field(4, integer(0, IMAGE_SIDE // 2))  # random crop of the zero-padded image (0: off)
     hflip: bool = _field(True, boolean)  # random horizontal flip
@@ -159,6 +159,7 @@ class Config:
     cuda_graphs: Optional[bool] = _field(
         None, optional_boolean, resumable=True
     )  # compiled steps as CUDA graphs; None: when compiling on CUDA
+    compile_cache: bool = _field(True, boolean, resumable=True)  # kernels kept in <checkpoint_dir>/compile_cache
     device: str = _field("auto", device, resumable=True)  # "auto" (cuda > mps > cpu), or "cuda:1", "cpu", ...
     # --- outputs ---
     checkpoint_dir: str = _field("checkpoint", path, resumable=True)  # <run>_latest.pth (every epoch), <run>_best.pth

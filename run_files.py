@@ -5,6 +5,7 @@ per-epoch CSV, the text log, the run lock, and the checks that a file belongs to
     checkpoint/<run>_latest.pth   every epoch: everything a resume needs
     checkpoint/<run>_best.pth     a copy of latest from the epoch that scored best
     checkpoint/<run>.lock         who is training the run now (run_lock.py)
+    checkpoint/compile_cache/     torch.compile's kernels, shared by the runs of this folder
     log/<run>.csv                 one row per epoch, appended
     log/<run>.log                 the text log
     log/<run>_config.json         the config
@@ -363,6 +364,11 @@ class RunPaths:
 
     def figure(self, what: str) -> Path:
         return self.plot_dir / f"{self.name}_{what}.png"
+
+    @property
+    def compile_cache(self) -> Path:
+        """torch.compile's kernel cache, shared by every run with this checkpoint folder."""
+        return self.checkpoint_dir / "compile_cache"
 
 
 class RunFiles:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -223,6 +224,8 @@ class Trainer:
         self.files = RunFiles(cfg)
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self._compile_modes = compile_modes(use_compile, self.device, cfg.cuda_graphs)
+        if self._compile_modes and cfg.compile_cache:  # a second process of the same shapes starts in seconds
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.paths.compile_cache.resolve())
         self.compile_seconds = 0.0  # spent compiling (and recording CUDA graphs) in this session
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # the few float32 matmuls (loss, head under fp16)

@@ -83,6 +83,7 @@ def tiny(tmp_path, **overrides) -> Config:
         dropout=0.1,
         device="cpu",
         verify_data=False,  # generated CIFAR-format files, not the published ones
+        compile_cache=False,  # compiled kernels in the machine's cache, not a fresh folder per test
         checkpoint_dir=str(tmp_path / "checkpoint"),
         log_dir=str(tmp_path / "log"),
         plot_dir=str(tmp_path / "plots"),

@@ -53,6 +53,7 @@ BAD_VALUES = {
     "grad_clip": -1.0,
     "amp": "fp8",
     "compile": "yes",
+    "compile_cache": 1,
     "cuda_graphs": 1,
     "device": "gpu:x",
     "checkpoint_dir": "",

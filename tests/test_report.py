@@ -6,7 +6,7 @@ import pytest
 
 import run_files
 from config import Config
-from report import next_steps, summarize_run
+from report import describe, next_steps, summarize_run
 
 
 def _csv(tmp_path, accs, clean=None, ema=None):
@@ -51,3 +51,12 @@ def test_advice_fits_the_run(tmp_path):
     over = summarize_run(_csv(tmp_path / "o", [0.7] * 60, clean=0.95)) if (tmp_path / "o").mkdir() is None else None
     assert "overfits" in " ".join(next_steps(over, Config(epochs=60)))
     assert next_steps({"epochs": 0}, Config()) == ["Nothing trained yet: run the training cell."]
+
+
+def test_describe_counts_the_epochs_it_averages_and_scores_ema_apart(tmp_path):
+    text = describe("run", summarize_run(_csv(tmp_path, [0.5, 0.6], clean=0.7, ema=[0.55, 0.58])))
+    assert text.startswith("run: 2 epochs; test accuracy 60.00% at the end, 55.00% averaged over the last 2 epochs")
+    assert "EMA weights: test accuracy 58.00% at the end, 56.50% averaged over the last 2 epochs" in text
+    (tmp_path / "one").mkdir()
+    one = describe("run", summarize_run(_csv(tmp_path / "one", [0.5])))
+    assert "1 epoch;" in one and "averaged over the last epoch" in one and "EMA" not in one

@@ -2,12 +2,15 @@
 with its fallback, compile time kept apart, the loss inside the compiled region, and evaluation's own
 fallback. The CUDA-graph path itself needs a GPU (bench/benchmark.py); what a CPU can compare is here."""
 
+import os
+
 import pytest
 import torch
 
 import step
 import training
 from conftest import QUIET, rows, tiny, train_all, without_time
+from run_files import RunPaths
 from step import CompiledStep, StepForward, compile_modes, soft_cross_entropy
 from training import Trainer
 
@@ -238,13 +241,56 @@ def test_an_evaluation_error_after_the_first_is_raised(cifar, tmp_path, monkeypa
         t.run_epoch(2)
 
 
-def test_a_really_compiled_run_counts_its_compile_time_once(cifar, tmp_path):
-    # torch.compile with Inductor on the CPU (a C++ compiler is needed): the compiled path end to end.
-    t = Trainer(tiny(tmp_path, epochs=2, compile=True, ema_decay=0.9), cifar, **QUIET)
-    train_all(t)
-    assert t.compile_mode == "default" and t.augment.compiled is not None
-    assert t.compiled_step.eval_models().model is not t.model  # evaluation ran compiled
-    first, second = rows(t.paths.csv)
-    assert float(first["compile_seconds"]) > 0 and float(second["compile_seconds"]) == 0.0
-    assert float(first["compile_seconds"]) == pytest.approx(t.compile_seconds)
-    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+COMPILED_RUN = """
+import json, sys
+sys.path.insert(0, {root!r})
+from config import Config
+from training import Trainer, load_data
+cfg = Config.from_dict(json.loads(sys.argv[1]))
+trainer = Trainer(cfg, load_data(cfg), progress="off")
+for epoch in trainer.remaining_epochs():
+    trainer.run_epoch(epoch)
+trainer.close()
+print("MODE", trainer.compile_mode, "EVAL_COMPILED", trainer.compiled_step.eval_models().model is not trainer.model)
+print("COMPILE", trainer.compile_seconds)
+"""
+
+
+def test_compiled_runs_count_compile_time_once_and_a_second_process_reuses_the_kernels(fake_cifar, tmp_path):
+    # torch.compile with Inductor on the CPU (a C++ compiler is needed): the compiled path end to end,
+    # in two processes of the same shapes, as a sweep starts them.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    seconds = []
+    for run in ("first", "second"):
+        cfg = tiny(tmp_path, epochs=2, compile=True, compile_cache=True, run_name=run, data_dir=str(fake_cifar),
+                   download=False, randaugment=False, clean_train_images=0, depth=1, dropout=0.0,
+                   drop_path=0.0)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", COMPILED_RUN.format(root=root), json.dumps(cfg.to_dict())],
+            capture_output=True, text=True, timeout=600, env=env,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        seconds.append(float(done.stdout.split("COMPILE")[-1]))
+        assert "MODE default EVAL_COMPILED True" in done.stdout  # no fallback: training and evaluation compiled
+        first, second = rows(RunPaths.of(cfg).csv)
+        assert float(first["compile_seconds"]) == pytest.approx(seconds[-1], rel=1e-6)
+        assert float(second["compile_seconds"]) == 0.0 and float(first["train_seconds"]) > 0
+        cache = tmp_path / "checkpoint" / "compile_cache"
+        assert cache.is_dir() and any(cache.rglob("*")), "the kernels are kept next to the runs"
+    assert seconds[1] < 0.5 * seconds[0], seconds  # a ratio of the two, not a time
+
+
+def test_compile_cache_points_inductor_at_the_runs_folder_only_when_compiling(cifar, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    Trainer(tiny(tmp_path / "a", compile=True, compile_cache=False), cifar, **QUIET)
+    Trainer(tiny(tmp_path / "b", compile=False, compile_cache=True), cifar, **QUIET)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
+    t = Trainer(tiny(tmp_path / "c", compile=True, compile_cache=True), cifar, **QUIET)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(t.paths.compile_cache.resolve())
+    assert t.paths.compile_cache == tmp_path / "c" / "checkpoint" / "compile_cache"
