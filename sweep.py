@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -32,6 +32,8 @@ from data import ensure_cifar10
 from run_files import RunPaths
 
 POLL_SECONDS = 0.5
+DONE = ("finished", "stopped early")  # statuses a sweep run again does not train further
+FOLDER_FIELDS = ("data_dir", "checkpoint_dir", "log_dir", "plot_dir")
 
 
 def run_name_for(base: str, overrides: dict) -> str:
@@ -85,8 +87,9 @@ def compare_norms(cfg: Config, seeds: list[int]) -> list[tuple[Config, dict]]:
     return [(cfg, o) if (o["norm"], o["seed"]) == (cfg.norm, cfg.seed) else (c, o) for c, o in runs]
 
 
-def train_run(config: Config | dict, progress: str = "off") -> dict:
-    """Train one config to completion (resuming its files if any) and return its summary.
+def train_run(config: Config | dict, progress: str = "off", on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+    """Train one config to completion (resuming its files if any) and return its summary;
+    ``on_epoch`` is called with each epoch's CSV row (Ray Tune's reporting).
 
     Errors are reported, not raised: ``status`` is ``"finished"``, ``"diverged"`` or ``"failed"``,
     with ``error`` saying why. The summary is also written to ``<log_dir>/<run>_result.json``."""
@@ -99,7 +102,9 @@ def train_run(config: Config | dict, progress: str = "off") -> dict:
     try:
         trainer = Trainer(cfg, load_data(cfg), progress=progress)
         for epoch in trainer.remaining_epochs():
-            trainer.run_epoch(epoch)
+            row = trainer.run_epoch(epoch)
+            if on_epoch is not None:
+                on_epoch(row)
         result["status"] = "finished"
     except DivergenceError as e:
         result.update(status="diverged", error=str(e))
@@ -112,8 +117,22 @@ def train_run(config: Config | dict, progress: str = "off") -> dict:
     if paths.csv.exists():
         result.update(report.summarize_run(paths.csv))
     result.update(planned_epochs=cfg.epochs, wall_minutes=(time.time() - start) / 60)
-    atomic_write(paths.result, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    write_result(cfg, result)
     return result
+
+
+def write_result(cfg: Config, result: dict) -> None:
+    """``<log_dir>/<run>_result.json``: how a run ended, as ``run_result`` reads it."""
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write(RunPaths.of(cfg).result, lambda tmp: Path(tmp).write_text(text))
+
+
+def clash_message(clashes: list[str]) -> str:
+    return (
+        f"{len(clashes)} run(s) of this sweep already have files from another config, so their results would "
+        f"not be this config's: {'; '.join(clashes)}. Give this sweep's runs names of their own (a "
+        f'"run_name" in the shared overrides, which prefixes every run), or other output folders.'
+    )
 
 
 def trained_with_another_config(runs: list[tuple[Config, dict]]) -> list[str]:
@@ -132,8 +151,8 @@ def trained_with_another_config(runs: list[tuple[Config, dict]]) -> list[str]:
     return clashes
 
 
-def _finished(cfg: Config) -> bool:
-    return run_result(cfg)["status"] == "finished"
+def _done(cfg: Config) -> bool:
+    return run_result(cfg)["status"] in DONE
 
 
 def _slots(per_gpu: int) -> list[Optional[int]]:
@@ -170,15 +189,11 @@ def run_sweep(runs: list[tuple[Config, dict]], per_gpu: int = 1, name: str = "sw
         raise ValueError(f"per_gpu must be >= 1, got {per_gpu}")
     clashes = trained_with_another_config(runs)
     if clashes:
-        raise ValueError(
-            f"{len(clashes)} run(s) of this sweep already have files from another config, so their results would "
-            f"not be this config's: {'; '.join(clashes)}. Give this sweep's runs names of their own (a "
-            f'"run_name" in the shared overrides, which prefixes every run), or other output folders.'
-        )
+        raise ValueError(clash_message(clashes))
     say = print if progress != "off" else (lambda *_: None)
     for data_dir, download in {(c.data_dir, c.download) for c, _ in runs}:
         ensure_cifar10(data_dir, download)  # downloaded once, not by every child
-    pending = [(c, o) for c, o in runs if not _finished(c)]
+    pending = [(c, o) for c, o in runs if not _done(c)]
     say(f"{name}: {len(runs)} runs, {len(runs) - len(pending)} finished already, {len(pending)} to train")
     slots = _slots(per_gpu)
     threads = max(1, (os.cpu_count() or 1) // len(slots))
@@ -248,7 +263,7 @@ def write_results(runs: list[tuple[Config, dict]], name: str):
 def run_result(cfg: Config) -> dict:
     """Where run ``cfg`` stands, from its CSV and what ``train_run`` said of it: ``"finished"`` (all
     epochs), ``"diverged"``/``"failed"`` (with ``error``), ``"unfinished"`` (a sweep stopped part-way)
-    or ``"not run"``; with the CSV's summary."""
+    ``"stopped early"`` (by a Ray Tune scheduler) or ``"not run"``; with the CSV's summary."""
     paths = RunPaths.of(cfg)
     summary = report.summarize_run(paths.csv) if paths.csv.exists() else {"epochs": 0}
     try:
@@ -256,7 +271,7 @@ def run_result(cfg: Config) -> dict:
     except (OSError, ValueError):
         said = {}
     row = {"run_name": cfg.name, "status": "not run", "error": "", **summary, "planned_epochs": cfg.epochs}
-    if said.get("status") in ("diverged", "failed") and said.get("epochs", 0) == summary["epochs"]:
+    if said.get("status") in ("diverged", "failed", "stopped early") and said.get("epochs", 0) == summary["epochs"]:
         row.update(status=said["status"], error=said.get("error", ""))
     elif summary["epochs"] >= cfg.epochs:
         row["status"] = "finished"
@@ -295,6 +310,9 @@ def show(table) -> None:
     print(groups.to_string(index=False, float_format="{:.2f}".format) if len(groups) else "(no finished run yet)")
     for _, row in table[table["status"].isin(["failed", "diverged"])].iterrows():
         print(f"\n{row['run_name']} {row['status']}: {row.get('error', '')}")
+    stopped = table[table["status"] == "stopped early"]
+    if len(stopped):
+        print(f"\nstopped early by the scheduler (not in the group statistics): {', '.join(stopped['run_name'])}")
     unfinished = table[table["status"].isin(["unfinished", "not run"])]
     if len(unfinished):
         print(
@@ -320,8 +338,20 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--table-only", action="store_true", help="write and show the table of the runs so far; train nothing"
     )
+    cluster = ap.add_argument_group("on a Ray cluster (pip install -r requirements-cluster.txt)")
+    cluster.add_argument("--backend", choices=("local", "ray"), default="local", help="where the runs train")
+    cluster.add_argument("--address", help="a running Ray cluster: auto or HOST:PORT (default: start Ray here)")
+    cluster.add_argument("--scheduler", choices=("asha",), help="stop runs whose test accuracy trails (ASHA)")
+    cluster.add_argument("--max-epochs", type=int, help="ASHA's last rung (default: the runs' epochs)")
+    cluster.add_argument("--grace-epochs", type=int, help="epochs before ASHA may stop a run (default: max/4)")
+    cluster.add_argument("--max-failures", type=int, default=2, help="retries of a run whose worker or node died")
+    cluster.add_argument("--max-concurrent", type=int, default=0, help="runs at once (default: as resources allow)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one config as JSON
     args = ap.parse_args(argv)
+    ray_only = [f"--{n.replace('_', '-')}" for n in ("address", "scheduler", "max_epochs", "grace_epochs")
+                if getattr(args, n) is not None]  # fmt: skip
+    if args.backend != "ray" and ray_only:
+        ap.error(f"{', '.join(ray_only)} only mean something with --backend ray")
     if args.one:
         result = train_run(json.loads(args.one))
         print(json.dumps(result))
@@ -335,8 +365,18 @@ def main(argv=None) -> None:
     except ValueError as e:  # bad JSON, an unknown field, a bad value, clashing names
         ap.error(str(e))
     try:
-        table = write_results(runs, args.name) if args.table_only else run_sweep(runs, args.per_gpu, args.name)
-    except ValueError as e:  # runs whose files belong to another config
+        if args.table_only:
+            table = write_results(runs, args.name)
+        elif args.backend == "ray":
+            import ray_sweep
+
+            table = ray_sweep.run_ray_sweep(
+                runs, args.name, args.address, args.scheduler, args.max_epochs, args.grace_epochs,
+                args.max_failures, args.max_concurrent,
+            )  # fmt: skip
+        else:
+            table = run_sweep(runs, args.per_gpu, args.name)
+    except (ValueError, RuntimeError) as e:  # runs whose files belong to another config; Ray missing
         ap.exit(2, f"{ap.prog}: error: {e}\n")
     show(table)
 

@@ -171,3 +171,21 @@ def test_command_line_table_only_and_bad_input(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_code:
             sweep.main(["--overrides", overrides, "--name", "cli"] + args)
         assert exit_code.value.code == 2 and message in capsys.readouterr().err, (args, message)
+
+
+def test_the_ray_backend_without_ray_says_what_to_install_and_its_flags_need_it(tmp_path, monkeypatch, capsys):
+    import ray_sweep
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as on a machine without the optional extra
+    with pytest.raises(RuntimeError, match="pip install -r requirements-cluster.txt") as info:
+        ray_sweep.import_ray()
+    assert "The local backend (the default) needs nothing more" in str(info.value)
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
+    overrides = json.dumps(_base(tmp_path, data, epochs=1).to_dict())
+    with pytest.raises(SystemExit) as exit_code:
+        sweep.main(["--overrides", overrides, "--runs", "[{}]", "--backend", "ray"])
+    assert exit_code.value.code == 2 and "requirements-cluster.txt" in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists()  # nothing trained
+    with pytest.raises(SystemExit):
+        sweep.main(["--overrides", overrides, "--runs", "[{}]", "--scheduler", "asha"])
+    assert "--scheduler only mean something with --backend ray" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""Sweeps on Ray (ray_sweep.py), on a local Ray instance started once for this module: the same files as
+the local backend, a trial killed mid-run retried from its last epoch, ASHA stopping a clearly worse run.
+Ray is an optional extra (requirements-cluster.txt); CI installs it, so these run there."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -r requirements-cluster.txt")
+
+import ray_sweep  # noqa: E402
+import sweep  # noqa: E402
+from config import Config  # noqa: E402
+from conftest import rows, write_fake_cifar10  # noqa: E402
+from run_files import RunPaths  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray_sweep.start_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _base(root, data, **kw) -> Config:
+    values = dict(
+        epochs=2, dim=16, depth=1, heads=2, batch_size=50, eval_batch_size=50, device="cpu", data_dir=str(data),
+        download=False, checkpoint_dir=str(root / "ck"), log_dir=str(root / "log"), plot_dir=str(root / "plots"),
+        clean_train_images=50, verify_data=False, compile_cache=False,
+    )  # fmt: skip
+    values.update(kw)
+    return Config(**values)
+
+
+def test_a_ray_sweep_writes_what_the_local_backend_writes(tmp_path):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
+    tables = {}
+    for backend in ("local", "ray"):
+        runs = sweep.grid(_base(tmp_path / backend, data), {"norm": ["dyt", "ln"]})
+        if backend == "local":
+            tables[backend] = sweep.run_sweep(runs, per_gpu=2, name="norms", progress="off")  # 1 thread each
+        else:
+            tables[backend] = ray_sweep.run_ray_sweep(runs, "norms", progress="off")  # 1 CPU each
+        for cfg, _ in runs:
+            tables[(backend, cfg.name)] = [
+                (r["epoch"], r["test_acc"], r["train_loss"]) for r in rows(RunPaths.of(cfg).csv)
+            ]
+    for name in ("dyt_cifar10_norm-dyt", "dyt_cifar10_norm-ln"):
+        assert len(tables[("ray", name)]) == 2 and tables[("ray", name)] == tables[("local", name)]
+    assert list(tables["ray"]["status"]) == ["finished", "finished"]
+    assert (tmp_path / "ray" / "log" / "norms_groups.csv").exists() and (
+        tmp_path / "ray" / "plots" / "norms.png"
+    ).exists()
+    again = ray_sweep.run_ray_sweep(runs, "norms", progress="off")  # finished runs are not trained again
+    assert [(r["epoch"], r["test_acc"], r["train_loss"]) for r in rows(RunPaths.of(runs[0][0]).csv)] == tables[
+        ("ray", runs[0][0].name)
+    ] and list(again["status"]) == ["finished", "finished"]
+
+
+def test_a_trial_killed_mid_run_is_retried_and_resumes(tmp_path):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=60, test=40)
+    runs = sweep.grid(_base(tmp_path, data, epochs=4, batch_size=10), {"seed": [0]})
+    paths = RunPaths.of(ray_sweep.with_absolute_folders(runs[0][0]))
+    killed = []
+
+    def kill_the_worker_after_its_first_epoch():
+        for _ in range(6000):  # a bound, not a timing
+            if paths.csv.exists() and len(rows(paths.csv)) >= 1 and paths.lock.exists():
+                try:
+                    pid = int(__import__("json").loads(paths.lock.read_text())["pid"])
+                except (ValueError, KeyError):
+                    continue
+                killed.append(len(rows(paths.csv)))
+                os.kill(pid, signal.SIGKILL)  # the worker dies mid-run, as on a lost node
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_the_worker_after_its_first_epoch)
+    watcher.start()
+    table = ray_sweep.run_ray_sweep(runs, "killed", max_failures=2, progress="off")
+    watcher.join()
+    assert killed and killed[0] < 4  # it died part-way
+    assert [r["epoch"] for r in rows(paths.csv)] == ["1", "2", "3", "4"]  # every epoch once
+    assert list(table["status"]) == ["finished"]
+
+
+def test_asha_stops_a_clearly_worse_run_and_the_table_says_so(tmp_path):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=60, test=50)
+    base = _base(tmp_path, data, epochs=4, batch_size=10, warmup_epochs=0, clean_train_images=0)
+    runs = sweep.expand(base, [{"lr": 3e-3}, {"lr": 1e-7, "min_lr": 0.0}])  # the good run first
+    table = ray_sweep.run_ray_sweep(
+        runs, "asha", scheduler="asha", max_epochs=4, grace_epochs=1, max_concurrent=1, progress="off"
+    )
+    status = dict(zip(table["run_name"], zip(table["status"], table["epochs"])))
+    assert status[runs[0][0].name] == ("finished", 4)
+    assert status[runs[1][0].name][0] == "stopped early" and status[runs[1][0].name][1] < 4
+    assert list(table.attrs["groups"]["runs"]) == [1]  # only the finished run is in the statistics
