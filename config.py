@@ -98,7 +98,7 @@ def _field(default, rule, resumable: bool = False):
 @dataclass
 class Config:
     """Everything a run depends on; the defaults are the recipe in the README (its table gives the
-    source of each value). The design's model is dim 384, depth 6, heads 6, patch 4."""
+    source of each value): a ViT of dim 384, depth 6, heads 6, patch 4."""
 
     # --- run ---
     epochs: int = _field(

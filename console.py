@@ -16,6 +16,35 @@ CPU_ESTIMATE_STEPS = 3  # steps timed on a CPU before the first estimate of the 
 LIVE_EVERY_SECONDS = 10.0  # the live figure is redrawn after an epoch at most this often (and after the last)
 
 
+def status_line(epoch: int, epochs: int, best_acc: float, best_epoch: int, best_source: str) -> str:
+    """One line on where a run stands: finished (and how to train longer) or stopped, and its best."""
+    best = (
+        f"best test accuracy {100 * best_acc:.2f}% at epoch {best_epoch}"
+        + (" (EMA weights)" if best_source == "ema" else "")
+        if best_epoch
+        else "no epoch trained yet"
+    )
+    if epoch > epochs:
+        return (
+            f"finished: {epoch} epochs trained, more than epochs = {epochs} (it was lowered after training); "
+            f"{best}. To train longer, raise epochs and run again"
+        )
+    if epoch == epochs:
+        return f"finished: {epoch} of {epochs} epochs trained; {best}. To train longer, raise epochs"
+    return f"stopped after {epoch} of {epochs} epochs; {best}"
+
+
+def live_curves(progress: str, path, title: str) -> Optional[LiveCurves]:
+    """Curves redrawn in place after epochs, when bars are on in a Jupyter kernel someone watches."""
+    if progress != "bars" or not utils.live_jupyter():
+        return None
+    from IPython.display import display
+
+    import figures
+
+    return LiveCurves(lambda csv, png: figures.plot_progress(csv, png, title), path, display)
+
+
 class Console:
     """Says lines (screen and log) and draws the bars of one trainer.
 

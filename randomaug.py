@@ -34,7 +34,7 @@ translate_x/y  ``s * int(f * S * 10/32)`` pixels      ±10 px
 =============  =====================================  ======================
 
 Translation is sized for small images (torchvision's default reaches 150/331 of the side, 14 px
-on 32 px images; our ancestor's reached 47 px, a blank image).
+on 32 px images; kentaroy47/vision-transformers-cifar10 reached 47 px, a blank image).
 """
 
 from __future__ import annotations

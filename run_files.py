@@ -442,6 +442,18 @@ class RunFiles:
             aside = set_aside(self.paths.best, "unusable")
             return None, f"the best checkpoint could not be used ({str(e).split('. ')[0]}); moved to {aside}"
 
+    def better_best(self, best_acc: float) -> tuple[Optional[tuple[float, int, str]], str]:
+        """The best file's record when it beats ``best_acc`` (what a latest checkpoint put back by hand
+        remembers), so the best file is replaced only by a better epoch; and a note."""
+        on_disk, note = self.best_record()
+        if on_disk is None or on_disk[0] <= best_acc:
+            return None, note
+        acc, epoch, _ = on_disk
+        return on_disk, (
+            f"{self.paths.best} (epoch {epoch}, {100 * acc:.2f}%) is better than what the latest checkpoint "
+            f"recorded: it stays the best, replaced only by a better epoch"
+        )
+
     def repair_csv(self, epoch: int, columns: list[str]) -> list[str]:
         past, damaged, rebuilt = repair_csv(self.paths.csv, epoch, columns)
         return [

@@ -24,6 +24,13 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
+def synced_time(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def compile_modes(use_compile: bool, device: torch.device, cuda_graphs: Optional[bool]) -> list[str]:
     """The ``torch.compile`` modes to try in order: CUDA graphs first when compiling on CUDA (unless
     ``cuda_graphs`` is False), then plain compile; empty when not compiling (eager)."""
@@ -119,18 +126,13 @@ class CompiledStep:
         self._eval_proven = not mode
         self._unproven_steps = PROOF_STEPS if mode else 0
 
-    def _synced_time(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
     def __call__(self, x: torch.Tensor, targets: torch.Tensor) -> StepResult:
         """One optimizer step on a prepared batch (soft targets). While the mode is unproven the
         step is timed as compile time (with a sync), and a failure before the optimizer stepped
         falls back to the next mode and redoes the step."""
         if not self._unproven_steps:
             return StepResult(*self._step(x, targets), 0.0, "")
-        start = self._synced_time()
+        start = synced_time(self.device)
         self._optimizer_stepped = False
         try:
             loss, correct = self._step(x, targets)
@@ -142,11 +144,11 @@ class CompiledStep:
             note = f"torch.compile(mode={failed!r}) failed ({_first_line(e)}); continuing with " + (
                 f"mode={self.mode!r}" if self.mode else "the model run eagerly"
             )
-            spent = self._synced_time() - start
+            spent = synced_time(self.device) - start
             retry = self(x, targets)
             return StepResult(retry.loss, retry.correct, spent + retry.compile_seconds, _join(note, retry.note))
         self._unproven_steps -= 1
-        return StepResult(loss, correct, self._synced_time() - start, "")
+        return StepResult(loss, correct, synced_time(self.device) - start, "")
 
     def _step(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)

@@ -93,7 +93,8 @@ def train_run(config: Config | dict, progress: str = "off", on_epoch: Optional[C
 
     Errors are reported, not raised: ``status`` is ``"finished"``, ``"diverged"`` or ``"failed"``,
     with ``error`` saying why. The summary is also written to ``<log_dir>/<run>_result.json``."""
-    from training import DivergenceError, Trainer, load_data
+    from recipe import load_data
+    from training import DivergenceError, Trainer
 
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
     start = time.time()

@@ -1,4 +1,4 @@
-"""Training: builders (model, data, augmentation, optimizer), the schedule, EMA, and the ``Trainer``.
+"""Training: the ``Trainer``, which puts a run together from recipe.py's parts and trains it epoch by epoch.
 
 The notebook drives it as a short loop::
 
@@ -18,7 +18,6 @@ restores the last checkpoint first.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -27,23 +26,20 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from torch import nn
 
 import utils
-from config import NORM_NAMES, Config, norm_layer
-from console import CPU_ESTIMATE_STEPS, Console, LiveCurves
-from data import CLASSES, CifarTensors, DeviceLoader, Mixup, TrainAugment, load_cifar10, normalize
+from config import NORM_NAMES, Config
+from console import CPU_ESTIMATE_STEPS, Console, live_curves, status_line
+from data import CLASSES, CifarTensors, DeviceLoader, Mixup, normalize
 from evaluation import Evaluator
 from models import ViT, alphas, count_parameters, gains, scale_mimetic_to_inputs_
-from randomaug import RandAugment
+from recipe import EMA, amp_dtype, build_augment, build_model, build_optimizer, cpu_has_native_bf16, lr_at, warmup_steps
 from run_files import CHECKPOINT_FORMAT, ConfigMismatchError, RunFiles, best_summary, checkpoint_kind, snapshot
-from step import CompiledStep, compile_modes
+from step import CompiledStep, compile_modes, synced_time
 
-MAX_WARMUP_FRACTION = 0.1  # warmup never takes more than this share of the run (short runs still learn)
 RESEED_STRIDE = 1_000_003  # loader seed after a device-type change: seed * stride + epoch
 TIME_COLUMNS = ("train_seconds", "eval_seconds", "checkpoint_seconds", "compile_seconds", "images_per_second")
 MIMETIC_IMAGES = 256  # training images (unaugmented) that size mimetic init under DyT
-EMA_WARMUP = 10  # EMA decay ramps as (1 + n) / (EMA_WARMUP + n) over the first updates
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -92,120 +88,6 @@ class DivergenceError(RuntimeError):
         )
 
 
-def build_model(cfg: Config) -> ViT:
-    return ViT(
-        img_size=32,
-        patch_size=cfg.patch_size,
-        num_classes=len(CLASSES),
-        dim=cfg.dim,
-        depth=cfg.depth,
-        heads=cfg.heads,
-        mlp_ratio=cfg.mlp_ratio,
-        norm_layer=norm_layer(cfg),
-        drop_path=cfg.drop_path,
-        dropout=cfg.dropout,
-        pool=cfg.pool,
-        attn_init=cfg.attn_init,
-        patch_embed_init=cfg.patch_embed_init,
-    )
-
-
-def build_augment(cfg: Config, compile: bool = False) -> TrainAugment:
-    randaug = (
-        RandAugment(cfg.randaug_ops, cfg.randaug_magnitude, cfg.randaug_magnitude_std, prob=cfg.randaug_prob)
-        if cfg.randaugment and cfg.randaug_ops > 0
-        else None
-    )
-    return TrainAugment(cfg.crop_padding, cfg.hflip, randaug, compile=compile)
-
-
-def load_data(cfg: Config) -> CifarTensors:
-    """CIFAR-10 on the config's device, downloading it into ``data_dir`` if allowed and needed."""
-    device = utils.resolve_device(cfg.device)
-    return load_cifar10(
-        cfg.data_dir,
-        device,
-        download=cfg.download,
-        train_subset=cfg.train_subset,
-        test_subset=cfg.test_subset,
-        verify=cfg.verify_data,
-    )
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices (ndim >= 2) only; not on biases, norms/DyT parameters,
-    the positional embedding or the cls token."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    kwargs = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), **kwargs)
-
-
-def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
-    """``warmup_epochs`` in steps, capped at ``MAX_WARMUP_FRACTION`` of the run (a 3-epoch trial
-    would otherwise never leave a 10-epoch warmup)."""
-    total = cfg.epochs * steps_per_epoch
-    return round(min(cfg.warmup_epochs * steps_per_epoch, MAX_WARMUP_FRACTION * total))  # no round(inf)
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
-    """Linear warmup to ``peak`` over ``warmup_steps``, then cosine to ``floor`` at ``total_steps``.
-
-    A pure function of the global step: resuming needs only the step. Changing ``epochs`` changes
-    ``total_steps``, which re-draws the cosine over the new length: raised before the run ends, it
-    continues as if planned that long; raised after, the learning rate goes back up to the longer
-    schedule's value at that step (a warm restart); lowered, the rest of the cosine is compressed."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype. ``"auto"``: bf16 on CUDA where supported, else fp16 (with a GradScaler);
-    float32 elsewhere, since autocast on a CPU is slower than float32 unless it has native bf16."""
-    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
-        return None
-    if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
-class EMA:
-    """An exponential moving average of a model's weights, updated on the device after every step.
-
-    The decay ramps up as ``min(decay, (1 + n) / (EMA_WARMUP + n))`` after ``n`` updates, so the
-    average is not dominated by the random initial weights."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self._ema = list(self.module.parameters())
-        self._live = list(model.parameters())
-
-    @torch.no_grad()
-    def update(self, updates: int) -> None:
-        decay = min(self.decay, (1 + updates) / (EMA_WARMUP + updates))
-        torch._foreach_lerp_(self._ema, self._live, 1.0 - decay)
-
-
 class Trainer:
     """Owns the model, optimizer, EMA, loaders and run state of one config on one dataset.
 
@@ -234,7 +116,8 @@ class Trainer:
         self.steps_per_epoch = len(data.x_train) // cfg.batch_size
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = warmup_steps(cfg, self.steps_per_epoch)
-        self.console = Console(progress, self.files.log, self._live_curves(progress))
+        live = live_curves(progress, self.paths.figure("live"), f"{cfg.name}: live")
+        self.console = Console(progress, self.files.log, live)
         self.evaluator = Evaluator(data, cfg.eval_batch_size, cfg.clean_train_images, self.amp_dtype)
         self._interrupted = False  # an epoch started and did not finish: memory is not a checkpoint
         self._cpu_estimate_due = self.device.type == "cpu"
@@ -245,17 +128,6 @@ class Trainer:
                 f"note: cuda_graphs=True has no effect here: CUDA graphs need torch.compile on a CUDA device, and "
                 f"this run {'is compiled without them' if self._compile_modes else 'runs eagerly'} on {self.device}"
             )
-
-    def _live_curves(self, progress: str) -> Optional[LiveCurves]:
-        """With bars in a Jupyter kernel someone watches: the curves redrawn in place after epochs."""
-        if progress != "bars" or not utils.live_jupyter():
-            return None
-        from IPython.display import display
-
-        import figures
-
-        title = f"{self.cfg.name}: live"
-        return LiveCurves(lambda csv, png: figures.plot_progress(csv, png, title), self.paths.figure("live"), display)
 
     def _build_state(self) -> None:
         """Model, optimizer, EMA, compiled step, loaders and counters as a fresh run starts them (seeded)."""
@@ -401,7 +273,10 @@ class Trainer:
                 f"gives {self.steps_per_epoch} steps per epoch (different dataset size?)"
             )
         notes.append(self.load_state_dict(state))
-        notes.append(self._adopt_best_on_disk())
+        better, note = self.files.better_best(self.best_acc)  # an older latest put back by hand
+        if better is not None:
+            self.best_acc, self.best_epoch, self.best_source = better
+        notes.append(note)
         notes += self.files.repair_csv(self.epoch, self.csv_columns())
         saved_epochs = state["config"]["epochs"]
         if saved_epochs != self.cfg.epochs:
@@ -422,18 +297,6 @@ class Trainer:
         )
         return self.epoch
 
-    def _adopt_best_on_disk(self) -> str:
-        """An older latest put back by hand remembers a lower best than the best file holds: keep the
-        file's record, so the best file is only replaced by a better epoch."""
-        on_disk, note = self.files.best_record()
-        if on_disk is not None and on_disk[0] > self.best_acc:
-            self.best_acc, self.best_epoch, self.best_source = on_disk
-            note = (
-                f"{self.paths.best} (epoch {self.best_epoch}, {100 * self.best_acc:.2f}%) is better than what the "
-                f"latest checkpoint recorded: it stays the best, replaced only by a better epoch"
-            )
-        return note
-
     def remaining_epochs(self) -> Iterator[int]:
         """1-based numbers of the epochs still to train (resuming or restoring first when needed,
         so a trainer built anew can never overwrite a run's checkpoint from epoch 0)."""
@@ -447,21 +310,7 @@ class Trainer:
 
     def status(self) -> str:
         """One line on where the run stands."""
-        cfg = self.cfg
-        best = (
-            f"best test accuracy {100 * self.best_acc:.2f}% at epoch {self.best_epoch}"
-            + (" (EMA weights)" if self.best_source == "ema" else "")
-            if self.best_epoch
-            else "no epoch trained yet"
-        )
-        if self.epoch > cfg.epochs:
-            return (
-                f"finished: {self.epoch} epochs trained, more than epochs = {cfg.epochs} (it was lowered after "
-                f"training); {best}. To train longer, raise epochs and run again"
-            )
-        if self.epoch == cfg.epochs:
-            return f"finished: {self.epoch} of {cfg.epochs} epochs trained; {best}. To train longer, raise epochs"
-        return f"stopped after {self.epoch} of {cfg.epochs} epochs; {best}"
+        return status_line(self.epoch, self.cfg.epochs, self.best_acc, self.best_epoch, self.best_source)
 
     # --- one epoch -----------------------------------------------------------------------------
 
@@ -485,11 +334,6 @@ class Trainer:
     def _augment_compiling(self) -> bool:
         return self.augment.compiled is not None and not self._augment_compiled
 
-    def _synced_time(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
     def train_epoch(self) -> dict:
         """One pass over the training set; metrics stay on the device (no per-step sync). Raises
         ``DivergenceError`` if the loss or the weights are no longer finite."""
@@ -500,11 +344,11 @@ class Trainer:
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         seen = 0
         bar = self.console.epoch_bar(self.steps_per_epoch, self.epoch + 1)
-        start = fetched = self._synced_time() if self._augment_compiling() else time.perf_counter()
+        start = fetched = synced_time(self.device) if self._augment_compiling() else time.perf_counter()
         for i, (x, y) in enumerate(self.train_loader):
             if i == 0 and self._augment_compiling():  # the first batch compiles the augmentation
                 self._augment_compiled = True
-                self.compile_seconds += self._synced_time() - fetched
+                self.compile_seconds += synced_time(self.device) - fetched
             x, targets = self.mixup(x, y)
             loss, step_correct = self.train_step(x, targets)
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), self.step, first_bad_step)

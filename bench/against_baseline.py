@@ -37,7 +37,11 @@ sys.path.insert(0, ".")
 try:
     import inspect
     from config import Config
-    from training import Trainer, load_data
+    from training import Trainer
+    try:
+        from recipe import load_data
+    except ImportError:  # before recipe.py
+        from training import load_data
     if "progress" in inspect.signature(Trainer).parameters:
         quiet = dict(progress="off")
     else:  # before the Trainer took one progress word

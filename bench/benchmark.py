@@ -250,7 +250,7 @@ def bench_train(
     modes: Optional[list[str]] = None,
     on_result: Optional[Callable[[str, dict], None]] = None,
 ) -> dict:
-    """The design's configuration (or a tiny one for a CPU dry run) in each compile mode, same run;
+    """The default configuration (or a tiny one for a CPU dry run) in each compile mode, same run;
     ``on_result(mode, figures)`` is called as each mode finishes (a cut-off run keeps what it measured)."""
     modes = modes or (["graphs", "compile"] if device.type == "cuda" else ["eager"])
     if device.type != "cuda" and "graphs" in modes:
@@ -273,7 +273,7 @@ def bench_train(
         if on_result is not None:
             on_result(name, results[name])
         torch.cuda.empty_cache() if device.type == "cuda" else None
-    model = "tiny model (dim 32, depth 2)" if tiny else "design's model (dim 384, depth 6, heads 6, DyT)"
+    model = "tiny model (dim 32, depth 2)" if tiny else "default model (dim 384, depth 6, heads 6, DyT)"
     print(f"\n{model}, batch {batch_size}, {epochs} epochs per mode, seconds per 50k-image epoch (median [p25-p75]):")
     cols = ["mode", "compile", "whole epoch", "train", "eval", "checkpoint", "model-only", "train/model", "whole/model",
             "200 epochs", "busy", "kernels/step", "peak GiB"]  # fmt: skip

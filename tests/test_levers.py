@@ -12,7 +12,8 @@ from data import normalize
 from models import DynamicTanh, ViT, gains, scale_mimetic_to_inputs_
 from models.dyt import MIMETIC_QK, MIMETIC_VO, Attention, mimetic_init_
 from randomaug import OPS, RandAugment
-from training import Trainer, build_model
+from recipe import build_model
+from training import Trainer
 
 
 def _images(n, seed=0):

@@ -123,7 +123,8 @@ def test_stop_button_mid_epoch_then_rerun_resumes_cleanly_in_a_real_kernel(tmp_p
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
 from config import Config
-from training import Trainer, load_data
+from recipe import load_data
+from training import Trainer
 cfg = Config(epochs=3, dim=16, depth=1, heads=2, batch_size=10, device="cpu", data_dir={str(data)!r}, verify_data=False,
              checkpoint_dir={str(tmp_path / "ck")!r}, log_dir={str(tmp_path / "log")!r},
              plot_dir={str(tmp_path / "p")!r})

@@ -19,9 +19,10 @@ import run_files
 import run_lock
 from conftest import QUIET, assert_same_run, rows, tiny, train_all
 from data import CorruptDatasetError, ensure_cifar10, read_batch
+from recipe import lr_at
 from run_files import CheckpointError, RunPaths
 from run_lock import RunLock, RunLockedError
-from training import DivergenceError, Trainer, lr_at
+from training import DivergenceError, Trainer
 
 
 def _interrupt_at(trainer, monkeypatch, step, exc=KeyboardInterrupt):
@@ -467,7 +468,7 @@ def test_d8_compare_seeds_as_a_string_is_parsed_and_checked_before_training():
 def test_d9_values_config_cannot_run_are_refused_or_computed_lazily(tmp_path):
     import figures
     from config import Config
-    from training import warmup_steps
+    from recipe import warmup_steps
 
     with pytest.raises(ValueError, match="eval_batch_size must be an integer >= 1 and <= 10000"):
         Config(eval_batch_size=10**9)

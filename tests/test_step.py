@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
+import recipe
 import step
-import training
+from config import Config
 from conftest import QUIET, rows, tiny, train_all, without_time
 from run_files import RunPaths
 from step import CompiledStep, StepForward, compile_modes, soft_cross_entropy
@@ -35,7 +36,7 @@ class Broken(torch.nn.Module):
 
 def _parts(seed=0):
     torch.manual_seed(seed)
-    model = training.build_model(training.Config(dim=16, depth=1, heads=2, drop_path=0.0))
+    model = recipe.build_model(Config(dim=16, depth=1, heads=2, drop_path=0.0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     x = torch.randn(8, 3, 32, 32)
@@ -103,7 +104,7 @@ def test_proof_steps_are_compile_time_and_later_steps_are_not(monkeypatch):
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 def test_step_forward_equals_model_loss_and_metric_apart(amp):
     torch.manual_seed(0)
-    model = training.build_model(training.Config(dim=32, depth=1, heads=2, drop_path=0.0))
+    model = recipe.build_model(Config(dim=32, depth=1, heads=2, drop_path=0.0))
     x = torch.randn(8, 3, 32, 32)
     targets = torch.softmax(torch.randn(8, 10), -1)
     loss, correct = StepForward(model, "cpu", amp)(x, targets)
@@ -131,7 +132,7 @@ def test_soft_cross_entropy_equals_hard_for_one_hot():
 def test_compiled_step_forward_matches_eager():
     # Inductor on the CPU: the loss and the metric inside the compiled region give the eager values.
     torch.manual_seed(0)
-    model = training.build_model(training.Config(dim=32, depth=1, heads=2, drop_path=0.0)).eval()
+    model = recipe.build_model(Config(dim=32, depth=1, heads=2, drop_path=0.0)).eval()
     x = torch.randn(8, 3, 32, 32)
     targets = torch.softmax(4 * torch.randn(8, 10), -1)
     eager = StepForward(model, "cpu", None)
@@ -176,7 +177,7 @@ def test_lr_tensor_survives_a_resume(cifar, tmp_path):
     again.resume()
     assert all(g["lr"] is again.lr for g in again.optimizer.param_groups)
     row = again.run_epoch(2)
-    assert row["lr"] == pytest.approx(training.lr_at(again.step - 1, again.total_steps, again.warmup_steps, 1e-3, 1e-5))
+    assert row["lr"] == pytest.approx(recipe.lr_at(again.step - 1, again.total_steps, again.warmup_steps, 1e-3, 1e-5))
 
 
 def test_a_failing_compile_is_said_once_and_the_run_equals_an_eager_one(
@@ -245,7 +246,8 @@ COMPILED_RUN = """
 import json, sys
 sys.path.insert(0, {root!r})
 from config import Config
-from training import Trainer, load_data
+from recipe import load_data
+from training import Trainer
 cfg = Config.from_dict(json.loads(sys.argv[1]))
 trainer = Trainer(cfg, load_data(cfg), progress="off")
 for epoch in trainer.remaining_epochs():

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 import figures
+import recipe
 import run_files
-import training
 from config import Config
 from conftest import QUIET, assert_same_run, rows, tiny, train_all, without_time
 from data import DatasetNotFoundError, load_cifar10
 from models import DynamicTanh, ViT
+from recipe import lr_at
 from run_files import CheckpointError, ConfigMismatchError
-from training import Trainer, lr_at
+from training import Trainer
 
 
 def test_config_fields_reach_the_objects(cifar, tmp_path):
@@ -93,7 +94,7 @@ def test_lr_schedule_values():
 
 def test_weight_decay_only_on_matrices():
     model = ViT(dim=16, depth=2, heads=2)
-    decay, no_decay = training.param_groups(model, 0.05)
+    decay, no_decay = recipe.param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
@@ -329,10 +330,10 @@ def test_best_model_is_a_separate_copy_with_best_weights(cifar, tmp_path):
 
 
 def test_load_data_reads_its_config_fields(fake_cifar, tmp_path):
-    d = training.load_data(tiny(tmp_path, data_dir=str(fake_cifar), download=False, train_subset=64, test_subset=8))
+    d = recipe.load_data(tiny(tmp_path, data_dir=str(fake_cifar), download=False, train_subset=64, test_subset=8))
     assert len(d.x_train) == 64 and len(d.x_test) == 8 and d.x_train.device.type == "cpu"
     with pytest.raises(DatasetNotFoundError, match="download=off"):
-        training.load_data(tiny(tmp_path, data_dir=str(tmp_path / "empty"), download=False))
+        recipe.load_data(tiny(tmp_path, data_dir=str(tmp_path / "empty"), download=False))
 
 
 def test_seed_sets_init_and_batch_order(cifar, tmp_path):
