@@ -17,20 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import Config  # noqa: E402
 from data import load_cifar10, normalize  # noqa: E402
-from models import scale_mimetic_to_inputs_  # noqa: E402
+from models import diagonal_attention_mass, scale_mimetic_to_inputs_  # noqa: E402
 from recipe import build_model  # noqa: E402
 from training import MIMETIC_IMAGES  # noqa: E402
-
-
-@torch.no_grad()
-def block0_diagonal_mass(model, images: torch.Tensor) -> float:
-    model.eval()
-    h = model.blocks[0].norm1(model.embed(images))
-    attn = model.blocks[0].attn
-    B, N, _ = h.shape
-    q, k, _ = attn.qkv(h).reshape(B, N, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    weights = (q @ k.transpose(-1, -2) / attn.head_dim**0.5).softmax(-1)
-    return weights.diagonal(dim1=-2, dim2=-1).mean().item()
 
 
 def main(argv=None) -> None:
@@ -51,7 +40,7 @@ def main(argv=None) -> None:
                     scale_mimetic_to_inputs_(model, normalize(data.x_train[:MIMETIC_IMAGES]))
                 with torch.no_grad():
                     rms = model.patch_embed(images).pow(2).mean().sqrt().item()
-                mass = block0_diagonal_mass(model, images)
+                mass = diagonal_attention_mass(model, images)
                 print(f"| {norm} | {attn_init} | {patch_embed_init} | {rms:.3f} | {mass:.3f} |")
 
 

@@ -9,6 +9,7 @@ from models.dyt import (
     ViT,
     alphas,
     count_parameters,
+    diagonal_attention_mass,
     gains,
     scale_mimetic_to_inputs_,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "ViT",
     "alphas",
     "count_parameters",
+    "diagonal_attention_mass",
     "gains",
     "scale_mimetic_to_inputs_",
 ]

@@ -325,6 +325,22 @@ def scale_mimetic_to_inputs_(model: ViT, images: torch.Tensor) -> list[float]:
     return scales
 
 
+@torch.no_grad()
+def diagonal_attention_mass(model: ViT, images: torch.Tensor, block: int = 0) -> float:
+    """Mean attention weight of each token on itself in ``block`` (uniform attention: 1 / tokens), with
+    the model in eval mode: how much mimetic init's identity part shows in the attention maps."""
+    model.eval()
+    tokens = model.embed(images)
+    for b in model.blocks[:block]:
+        tokens = b(tokens)
+    h = model.blocks[block].norm1(tokens)
+    attn = model.blocks[block].attn
+    B, N, _ = h.shape
+    q, k, _ = attn.qkv(h).reshape(B, N, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    weights = (q @ k.transpose(-1, -2) / attn.head_dim**0.5).softmax(-1)  # (B, H, N, N)
+    return weights.diagonal(dim1=-2, dim2=-1).mean().item()
+
+
 def gains(model: nn.Module) -> dict[str, float]:
     """How much each norm scales a small input, keyed by module name: for DyT the mean of
     ``|weight| * alpha`` (its slope at 0), for LayerNorm the mean ``|weight|``. A DyT whose alpha
@@ -363,6 +379,7 @@ __all__ = [
     "ViT",
     "mimetic_init_",
     "scale_mimetic_to_inputs_",
+    "diagonal_attention_mass",
     "gains",
     "alphas",
     "count_parameters",

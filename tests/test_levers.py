@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import QUIET, assert_same_run, rows, tiny, train_all
 from data import normalize
-from models import DynamicTanh, ViT, gains, scale_mimetic_to_inputs_
+from models import DynamicTanh, ViT, diagonal_attention_mass, gains, scale_mimetic_to_inputs_
 from models.dyt import MIMETIC_QK, MIMETIC_VO, Attention, mimetic_init_
 from randomaug import OPS, RandAugment
 from recipe import build_model
@@ -99,18 +99,6 @@ def test_mimetic_init_per_head_is_a_low_rank_piece_of_the_same_shape():
     assert (dq.T @ dk).diagonal().mean().abs() < 0.01
 
 
-def _block0_diagonal_mass(model, images):
-    """Mean attention weight of each token on itself in block 0 (uniform: 1 / tokens)."""
-    model.eval()
-    with torch.no_grad():
-        h = model.blocks[0].norm1(model.embed(images))
-        attn = model.blocks[0].attn
-        B, N, C = h.shape
-        q, k, _ = attn.qkv(h).reshape(B, N, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        weights = (q @ k.transpose(-1, -2) / attn.head_dim**0.5).softmax(-1)
-    return weights.diagonal(dim1=-2, dim2=-1).mean().item()
-
-
 def test_mimetic_init_under_dyt_attends_like_layernorms(cifar, tmp_path):
     # On 256 real CIFAR-10 test images (default config, seed 0) the diagonal mass was 0.358 for LayerNorm
     # and 0.149 for DyT with this scaling (0.015 without it; uniform 1/65 = 0.015): see docs/recipe.md. The
@@ -122,9 +110,9 @@ def test_mimetic_init_under_dyt_attends_like_layernorms(cifar, tmp_path):
     dyt = Trainer(tiny(tmp_path / "dyt", **cfg), cifar, **QUIET).model
     torch.manual_seed(0)
     unscaled = build_model(tiny(tmp_path, **cfg))  # mimetic init as LayerNorm wants it, under DyT
-    ln_mass, dyt_mass = _block0_diagonal_mass(ln, images), _block0_diagonal_mass(dyt, images)
+    ln_mass, dyt_mass = diagonal_attention_mass(ln, images), diagonal_attention_mass(dyt, images)
     assert ln_mass > 5 * uniform and dyt_mass > 2.5 * uniform and dyt_mass > 0.3 * ln_mass
-    assert _block0_diagonal_mass(unscaled, images) < 1.5 * uniform  # the query-key half did nothing
+    assert diagonal_attention_mass(unscaled, images) < 1.5 * uniform  # the query-key half did nothing
     torch.manual_seed(0)
     plain_ln = build_model(tiny(tmp_path, norm="ln", **cfg))
     assert all(torch.equal(a, b) for a, b in zip(plain_ln.parameters(), ln.parameters()))  # LayerNorm: as it was
