@@ -2,7 +2,7 @@
 CPU-only cluster), with early stopping by ASHA. Ray is an optional extra (``requirements-cluster.txt``);
 nothing else in the project imports it.
 
-Each trial calls ``sweep.train_run`` on its config, so the project's own files stay the truth: every
+Each trial calls ``sweep_runs.train_run`` on its config, so the project's own files stay the truth: every
 run writes its checkpoint, CSV and log where its config says (a shared filesystem on a cluster). A trial
 that Ray retries after a lost node resumes from its last epoch; a sweep run again after the cluster
 restarts trains only the unfinished runs. Each epoch's test accuracy is reported to Tune, so a scheduler
@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-import sweep
+import sweep_runs
 from config import Config
 from data import ensure_cifar10
 
@@ -52,7 +52,7 @@ def start_ray(address: Optional[str] = None, **kwargs) -> None:
 
 def with_absolute_folders(cfg: Config) -> Config:
     """``cfg`` with its data and output folders made absolute: a Ray worker runs in a folder of its own."""
-    folders = {k: str(Path(getattr(cfg, k)).expanduser().resolve()) for k in sweep.FOLDER_FIELDS}
+    folders = {k: str(Path(getattr(cfg, k)).expanduser().resolve()) for k in sweep_runs.FOLDER_FIELDS}
     return replace(cfg, **folders)
 
 
@@ -63,7 +63,7 @@ def trial(config: dict) -> None:
     def report(row: dict) -> None:
         tune.report({"epoch": row["epoch"], **{k: row[k] for k in METRICS if k in row}})
 
-    sweep.train_run(config["run"], on_epoch=report)
+    sweep_runs.train_run(config["run"], on_epoch=report)
 
 
 def run_ray_sweep(
@@ -88,11 +88,11 @@ def run_ray_sweep(
         max_concurrent: trials at once (0: as many as the cluster's resources allow).
     """
     ray, tune = import_ray()
-    clashes = sweep.trained_with_another_config(runs)
+    clashes = sweep_runs.trained_with_another_config(runs)
     if clashes:
-        raise ValueError(sweep.clash_message(clashes))
+        raise ValueError(sweep_runs.clash_message(clashes))
     runs = [(with_absolute_folders(c), o) for c, o in runs]
-    pending = [c for c, _ in runs if sweep.run_result(c)["status"] not in sweep.DONE]
+    pending = [c for c, _ in runs if sweep_runs.run_result(c)["status"] not in sweep_runs.DONE]
     say = print if progress != "off" else (lambda *_: None)
     say(f"{name}: {len(runs)} runs, {len(runs) - len(pending)} done already, {len(pending)} to train on Ray")
     if pending:
@@ -131,7 +131,7 @@ def run_ray_sweep(
         grid = tuner.fit()
         for result in grid:
             cfg = Config.from_dict(result.config["run"])
-            done = sweep.run_result(cfg)
+            done = sweep_runs.run_result(cfg)
             if result.error is None and done["status"] == "unfinished":  # the scheduler ended it
-                sweep.write_result(cfg, {**done, "status": STOPPED})
-    return sweep.write_results(runs, name)
+                sweep_runs.write_result(cfg, {**done, "status": STOPPED})
+    return sweep_runs.write_results(runs, name)

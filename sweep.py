@@ -1,10 +1,10 @@
-"""Several runs side by side: a list and/or a grid of config overrides becomes runs, each in its own process.
+"""Several runs side by side, from the command line or the notebook: a list and/or a grid of config
+overrides becomes runs (sweep_runs.py), each trained in its own process.
 
-The unit of work is ``train_run(config)``: it trains one config to completion (resuming it if it
-has files already) and returns its summary. ``run_sweep`` calls it in child processes, ``per_gpu``
-at a time on every visible GPU (or ``per_gpu`` at a time on the CPU), and writes a table. Running
-the same sweep again continues every unfinished run and skips the finished ones. A cluster
-scheduler calls the same function unchanged (see the README: Ray Tune, submitit).
+``run_sweep`` calls ``train_run`` in child processes, ``per_gpu`` at a time on every visible GPU (or
+``per_gpu`` at a time on the CPU), and writes the table. Running the same sweep again continues every
+unfinished run and skips the finished ones. ``--backend ray`` trains the same runs as Ray Tune trials
+on a cluster instead (ray_sweep.py, an optional extra).
 
     python sweep.py --grid '{"norm": ["dyt", "ln"], "seed": [0, 1, 2]}' --per-gpu 2 --name norms
     python sweep.py --runs '[{}, {"randaug_prob": 0.5}, {"randaug_magnitude": 5}]' --per-gpu 3 --name recipes
@@ -13,7 +13,6 @@ scheduler calls the same function unchanged (see the README: Ray Tune, submitit)
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import signal
@@ -21,135 +20,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-import report
-from atomic_files import atomic_write
-from config import Config, config_differences, with_overrides
+from config import Config, with_overrides
 from data import ensure_cifar10
 from run_files import RunPaths
+from sweep_runs import (  # noqa: F401  (the notebook and users call these through sweep)
+    DONE,
+    clash_message,
+    compare_norms,
+    expand,
+    grid,
+    run_result,
+    show,
+    train_run,
+    trained_with_another_config,
+    write_results,
+)
 
 POLL_SECONDS = 0.5
-DONE = ("finished", "stopped early")  # statuses a sweep run again does not train further
-FOLDER_FIELDS = ("data_dir", "checkpoint_dir", "log_dir", "plot_dir")
-
-
-def run_name_for(base: str, overrides: dict) -> str:
-    """``dyt_cifar10`` + ``{"norm": "ln", "seed": 1}`` -> ``dyt_cifar10_norm-ln_seed-1``."""
-    parts = [f"{k}-{v}" for k, v in overrides.items()]
-    return "_".join([base] + parts).replace("/", "-").replace(" ", "")
-
-
-def grid(base: Config, axes: dict[str, list]) -> list[tuple[Config, dict]]:
-    """Every combination of ``axes`` (field -> values) applied to ``base``: (config, overrides) pairs,
-    each config with a run name derived from its overrides."""
-    return expand(base, [{}], axes)
-
-
-def expand(base: Config, listed: list[dict], axes: Optional[dict[str, list]] = None) -> list[tuple[Config, dict]]:
-    """Each override set of ``listed`` crossed with every combination of ``axes``: (config, overrides)
-    pairs in that order, each config named after its overrides. ``[{}]`` with axes is a plain grid;
-    a list without axes is one run per entry (``{}`` is the base config itself).
-
-    Raises ``ValueError`` for a malformed list or grid, a field in both, or two runs with one name."""
-    if not isinstance(listed, list) or not listed or not all(isinstance(o, dict) for o in listed):
-        raise ValueError(f"the runs must be a non-empty list of JSON objects (field -> value), got {listed!r}")
-    axes = axes or {}
-    if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
-        raise ValueError(f"the grid must be a JSON object of field -> non-empty list of values, got {axes!r}")
-    both = sorted({k for o in listed for k in o} & set(axes))
-    if both:
-        raise ValueError(f"{', '.join(both)} is set both in the runs and in the grid; set each field in one of them")
-    names = list(axes)
-    runs = []
-    for fixed in listed:
-        for values in itertools.product(*(axes[n] for n in names)):
-            overrides = {**fixed, **dict(zip(names, values))}
-            cfg = with_overrides(base, {**overrides, "run_name": run_name_for(base.name, overrides)})
-            runs.append((cfg, overrides))
-    seen: dict[str, dict] = {}
-    for cfg, overrides in runs:
-        if cfg.name in seen:
-            raise ValueError(
-                f"two runs would share the name {cfg.name!r} (and its files): {seen[cfg.name]} and {overrides}; "
-                f"make their overrides differ"
-            )
-        seen[cfg.name] = overrides
-    return runs
-
-
-def compare_norms(cfg: Config, seeds: list[int]) -> list[tuple[Config, dict]]:
-    """DyT and LayerNorm with ``cfg``'s recipe over ``seeds``. The run of ``cfg``'s own norm and seed
-    is ``cfg`` itself (its files, its name), so a run the notebook trained already is not trained again."""
-    runs = grid(cfg, {"norm": ["dyt", "ln"], "seed": list(seeds)})
-    return [(cfg, o) if (o["norm"], o["seed"]) == (cfg.norm, cfg.seed) else (c, o) for c, o in runs]
-
-
-def train_run(config: Config | dict, progress: str = "off", on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
-    """Train one config to completion (resuming its files if any) and return its summary;
-    ``on_epoch`` is called with each epoch's CSV row (Ray Tune's reporting).
-
-    Errors are reported, not raised: ``status`` is ``"finished"``, ``"diverged"`` or ``"failed"``,
-    with ``error`` saying why. The summary is also written to ``<log_dir>/<run>_result.json``."""
-    from recipe import load_data
-    from training import DivergenceError, Trainer
-
-    cfg = config if isinstance(config, Config) else Config.from_dict(config)
-    start = time.time()
-    result = {"run_name": cfg.name, "status": "failed", "error": ""}
-    trainer = None
-    try:
-        trainer = Trainer(cfg, load_data(cfg), progress=progress)
-        for epoch in trainer.remaining_epochs():
-            row = trainer.run_epoch(epoch)
-            if on_epoch is not None:
-                on_epoch(row)
-        result["status"] = "finished"
-    except DivergenceError as e:
-        result.update(status="diverged", error=str(e))
-    except Exception as e:  # one run's failure is its own; the sweep goes on
-        result["error"] = f"{type(e).__name__}: {e}"
-    finally:
-        if trainer is not None and trainer.files.opened:
-            trainer.close()
-    paths = RunPaths.of(cfg)
-    if paths.csv.exists():
-        result.update(report.summarize_run(paths.csv))
-    result.update(planned_epochs=cfg.epochs, wall_minutes=(time.time() - start) / 60)
-    write_result(cfg, result)
-    return result
-
-
-def write_result(cfg: Config, result: dict) -> None:
-    """``<log_dir>/<run>_result.json``: how a run ended, as ``run_result`` reads it."""
-    text = json.dumps(result, indent=2) + "\n"
-    atomic_write(RunPaths.of(cfg).result, lambda tmp: Path(tmp).write_text(text))
-
-
-def clash_message(clashes: list[str]) -> str:
-    return (
-        f"{len(clashes)} run(s) of this sweep already have files from another config, so their results would "
-        f"not be this config's: {'; '.join(clashes)}. Give this sweep's runs names of their own (a "
-        f'"run_name" in the shared overrides, which prefixes every run), or other output folders.'
-    )
-
-
-def trained_with_another_config(runs: list[tuple[Config, dict]]) -> list[str]:
-    """For each run whose files were written by another config (same name, other settings: a sweep
-    run again with other ``--overrides``), what differs. Such a run's results are not this config's."""
-    clashes = []
-    for cfg, _ in runs:
-        try:
-            saved = json.loads(RunPaths.of(cfg).config.read_text())
-        except (OSError, ValueError):
-            continue
-        diff = config_differences(saved, cfg)
-        if diff:
-            fields = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-            clashes.append(f"{cfg.name} ({fields})")
-    return clashes
 
 
 def _done(cfg: Config) -> bool:
@@ -227,101 +118,6 @@ def run_sweep(runs: list[tuple[Config, dict]], per_gpu: int = 1, name: str = "sw
                 proc.kill()
         raise
     return write_results(runs, name)
-
-
-def write_results(runs: list[tuple[Config, dict]], name: str):
-    """The per-run table and the per-group statistics (mean and std over seeds) as CSVs, and the
-    overlay plot; returns the per-run table."""
-    import pandas as pd
-
-    import figures
-
-    fields = list(dict.fromkeys(k for _, overrides in runs for k in overrides))  # every swept field, in order
-    files = {cfg.name: RunPaths.of(cfg) for cfg, _ in runs}
-    rows = []
-    for cfg, _ in runs:
-        rows.append({**{k: getattr(cfg, k) for k in fields}, **run_result(cfg)})
-    table = pd.DataFrame(rows)
-    log_dir, plot_dir = Path(runs[0][0].log_dir), Path(runs[0][0].plot_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(log_dir / f"{name}_runs.csv", index=False)
-    groups = group_stats(table, [k for k in fields if k != "seed"])
-    groups.to_csv(log_dir / f"{name}_groups.csv", index=False)
-    curves: dict[str, list[Path]] = {}
-    for (cfg, overrides), row in zip(runs, rows):
-        csv_path = files[cfg.name].csv
-        if csv_path.exists() and row.get("epochs"):
-            label = ", ".join(f"{k}={v}" for k, v in overrides.items() if k != "seed") or "base config"
-            curves.setdefault(label, []).append(csv_path)
-    if curves:
-        figures.plot_groups(
-            curves, plot_dir / f"{name}.png", title=f"{name}: mean test accuracy, band: min to max over seeds"
-        )
-    table.attrs.update(groups=groups, plot=plot_dir / f"{name}.png", name=name, fields=fields)
-    return table
-
-
-def run_result(cfg: Config) -> dict:
-    """Where run ``cfg`` stands, from its CSV and what ``train_run`` said of it: ``"finished"`` (all
-    epochs), ``"diverged"``/``"failed"`` (with ``error``), ``"unfinished"`` (a sweep stopped part-way)
-    ``"stopped early"`` (by a Ray Tune scheduler) or ``"not run"``; with the CSV's summary."""
-    paths = RunPaths.of(cfg)
-    summary = report.summarize_run(paths.csv) if paths.csv.exists() else {"epochs": 0}
-    try:
-        said = json.loads(paths.result.read_text())
-    except (OSError, ValueError):
-        said = {}
-    row = {"run_name": cfg.name, "status": "not run", "error": "", **summary, "planned_epochs": cfg.epochs}
-    if said.get("status") in ("diverged", "failed", "stopped early") and said.get("epochs", 0) == summary["epochs"]:
-        row.update(status=said["status"], error=said.get("error", ""))
-    elif summary["epochs"] >= cfg.epochs:
-        row["status"] = "finished"
-    elif summary["epochs"]:
-        row["status"] = "unfinished"
-    if "wall_minutes" in said:
-        row["wall_minutes"] = said["wall_minutes"]
-    return row
-
-
-def group_stats(table, by: list[str]):
-    """Mean, std and count of the scores of finished runs per group (``by``: the swept fields other
-    than the seed)."""
-    import pandas as pd
-
-    done = table[table["status"] == "finished"] if "status" in table else table.iloc[0:0]
-    scores = [c for c in ("last5_acc", "ema_last5_acc", "final_acc", "best_acc", "minutes") if c in done]
-    if done.empty or not scores:
-        return pd.DataFrame(columns=by + ["runs"])
-    grouped = done.groupby(by, dropna=False) if by else done.assign(group="all").groupby("group")
-    stats = grouped[scores].agg(["mean", "std"])
-    stats.columns = [f"{score}_{stat}" for score, stat in stats.columns]
-    stats["runs"] = grouped.size()
-    return stats.reset_index()
-
-
-def show(table) -> None:
-    """The table, the group statistics and the plot, in a notebook or a terminal."""
-    import utils
-
-    scores = ("final_acc", "best_acc", "last5_acc", "ema_last5_acc", "minutes")
-    columns = [c for c in ("run_name", *table.attrs.get("fields", []), "status", "epochs", *scores) if c in table]
-    print(table[columns].to_string(index=False, float_format="{:.2f}".format))
-    groups = table.attrs["groups"]
-    print("\nper group (mean and std over seeds):")
-    print(groups.to_string(index=False, float_format="{:.2f}".format) if len(groups) else "(no finished run yet)")
-    for _, row in table[table["status"].isin(["failed", "diverged"])].iterrows():
-        print(f"\n{row['run_name']} {row['status']}: {row.get('error', '')}")
-    stopped = table[table["status"] == "stopped early"]
-    if len(stopped):
-        print(f"\nstopped early by the scheduler (not in the group statistics): {', '.join(stopped['run_name'])}")
-    unfinished = table[table["status"].isin(["unfinished", "not run"])]
-    if len(unfinished):
-        print(
-            f"\n{len(unfinished)} run(s) not finished (not in the group statistics); running the sweep again "
-            f"continues them: {', '.join(unfinished['run_name'])}"
-        )
-    if Path(table.attrs["plot"]).exists():
-        utils.show(table.attrs["plot"])
 
 
 def main(argv=None) -> None:
