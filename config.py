@@ -159,6 +159,8 @@ class Config:
     cuda_graphs: Optional[bool] = _field(
         None, optional_boolean, resumable=True
     )  # compiled steps as CUDA graphs; None: when compiling on CUDA
+    autotune: bool = _field(False, boolean, resumable=True)  # compile with mode="max-autotune" (CUDA; minutes more)
+    attention: str = _field("auto", one_of("auto", "flash", "cudnn", "efficient", "math"), resumable=True)  # SDPA
     compile_cache: bool = _field(True, boolean, resumable=True)  # kernels kept in <checkpoint_dir>/compile_cache
     device: str = _field("auto", device, resumable=True)  # "auto" (cuda > mps > cpu), or "cuda:1", "cpu", ...
     # --- outputs ---

@@ -31,11 +31,36 @@ def synced_time(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def compile_modes(use_compile: bool, device: torch.device, cuda_graphs: Optional[bool]) -> list[str]:
+def compile_modes(
+    use_compile: bool, device: torch.device, cuda_graphs: Optional[bool], autotune: bool = False
+) -> list[str]:
     """The ``torch.compile`` modes to try in order: CUDA graphs first when compiling on CUDA (unless
-    ``cuda_graphs`` is False), then plain compile; empty when not compiling (eager)."""
+    ``cuda_graphs`` is False), then plain compile; empty when not compiling (eager). ``autotune`` (CUDA)
+    puts Inductor's autotuned mode first (with or without CUDA graphs, as they are chosen)."""
     graphs = use_compile and device.type == "cuda" and cuda_graphs is not False
-    return (["reduce-overhead"] if graphs else []) + (["default"] if use_compile else [])
+    tuned = use_compile and device.type == "cuda" and autotune
+    first = ["max-autotune" if graphs else "max-autotune-no-cudagraphs"] if tuned else []
+    return first + (["reduce-overhead"] if graphs else []) + (["default"] if use_compile else [])
+
+
+SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+
+
+def attention_backend(name: str):
+    """A context in which ``F.scaled_dot_product_attention`` uses only the backend ``name`` ("auto": any,
+    as PyTorch chooses). Entered around training and evaluation, so compiled graphs trace with it."""
+    import contextlib
+
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
 
 
 class StepForward(nn.Module):
@@ -152,7 +177,7 @@ class CompiledStep:
 
     def _step(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
-        if self.mode == "reduce-overhead":
+        if self.mode in ("reduce-overhead", "max-autotune"):
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
         loss, correct = self._forward(x, targets)
         self.scaler.scale(loss).backward()

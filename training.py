@@ -35,7 +35,7 @@ from evaluation import Evaluator
 from models import ViT, alphas, count_parameters, gains, scale_mimetic_to_inputs_
 from recipe import EMA, amp_dtype, build_augment, build_model, build_optimizer, cpu_has_native_bf16, lr_at, warmup_steps
 from run_files import CHECKPOINT_FORMAT, ConfigMismatchError, RunFiles, best_summary, checkpoint_kind, snapshot
-from step import CompiledStep, compile_modes, synced_time
+from step import CompiledStep, attention_backend, compile_modes, synced_time
 
 RESEED_STRIDE = 1_000_003  # loader seed after a device-type change: seed * stride + epoch
 TIME_COLUMNS = ("train_seconds", "eval_seconds", "checkpoint_seconds", "compile_seconds", "images_per_second")
@@ -105,7 +105,7 @@ class Trainer:
         self.device = data.x_train.device
         self.files = RunFiles(cfg)
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
-        self._compile_modes = compile_modes(use_compile, self.device, cfg.cuda_graphs)
+        self._compile_modes = compile_modes(use_compile, self.device, cfg.cuda_graphs, cfg.autotune)
         if self._compile_modes and cfg.compile_cache:  # a second process of the same shapes starts in seconds
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.paths.compile_cache.resolve())
         self.compile_seconds = 0.0  # spent compiling (and recording CUDA graphs) in this session
@@ -123,6 +123,8 @@ class Trainer:
         self._cpu_estimate_due = self.device.type == "cpu"
         self._build_state()
         self.console.hardware_warnings(self.device, self.amp_dtype, cpu_has_native_bf16())
+        if cfg.autotune and not any(m.startswith("max-autotune") for m in self._compile_modes):
+            self.console.say("note: autotune=True has no effect here: it needs torch.compile on a CUDA device")
         if cfg.cuda_graphs and "reduce-overhead" not in self._compile_modes:
             self.console.say(
                 f"note: cuda_graphs=True has no effect here: CUDA graphs need torch.compile on a CUDA device, and "
@@ -420,8 +422,9 @@ class Trainer:
             self._check_next(epoch)
             self._interrupted = True  # until this epoch is recorded
             wall = time.perf_counter()
-            stats = self.train_epoch()
-            stats.update(self._timed_evaluation())
+            with attention_backend(self.cfg.attention):
+                stats = self.train_epoch()
+                stats.update(self._timed_evaluation())
             self.epoch = epoch
             improved = self._update_best(stats)
             row = self._record(stats, improved)

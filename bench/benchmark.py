@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import Config  # noqa: E402
 from data import CifarTensors  # noqa: E402
 from randomaug import RandAugment  # noqa: E402
+from step import attention_backend  # noqa: E402
 from training import Trainer  # noqa: E402
 
 EPOCH_IMAGES = 50_000
@@ -172,7 +173,12 @@ def gpu_busy(trainer: Trainer, steps: int = 30) -> dict:
             trainer.train_step(*trainer.mixup(x, y))
         sync(trainer.device)
         wall = time.perf_counter() - start
-    return {"fraction": busy_seconds(prof.events()) / wall, "kernels_per_step": len(gpu_events(prof.events())) / steps}
+    events = prof.events()
+    return {
+        "fraction": busy_seconds(events) / wall,
+        "kernels_per_step": len(gpu_events(events)) / steps,
+        "ms_per_step_by_category": {k: 1000 * v / steps for k, v in seconds_by_category(events).items()},
+    }
 
 
 def gpu_events(events) -> list:
@@ -195,7 +201,7 @@ def busy_seconds(events) -> float:
 
 
 def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2) -> dict:
-    """Whole epochs as a user waits for them (train, evaluation on 10k test and 10k clean training
+    """Whole epochs as a user waits for them (train, evaluation on the test set and the clean training
     images, checkpoint), through ``Trainer.run_epoch`` with real files, then the model-only floor of
     the same trainer and, on CUDA, the GPU's busy fraction and peak memory."""
     data = synthetic_cifar(device)
@@ -212,7 +218,8 @@ def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2) 
     trainer.files.wait_for_saves()
     steady = rows[warm:]
     per_epoch = EPOCH_IMAGES / (trainer.steps_per_epoch * cfg.batch_size)  # to 50k-image epochs
-    floor = model_only(trainer, trainer.steps_per_epoch)
+    with attention_backend(cfg.attention):  # as run_epoch trains
+        floor = model_only(trainer, trainer.steps_per_epoch)
     whole = spread(walls[warm:])
     train = spread([r["train_seconds"] for r in steady])
     result = {
@@ -229,16 +236,46 @@ def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2) 
     }
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        busy = gpu_busy(trainer)
+        with attention_backend(cfg.attention):
+            busy = gpu_busy(trainer)
         result["gpu_busy_fraction"], result["gpu_kernels_per_step"] = busy["fraction"], busy["kernels_per_step"]
+        result["gpu_ms_per_step_by_category"] = busy["ms_per_step_by_category"]
     return result
 
 
+GRAPHS = dict(compile=True, cuda_graphs=True)  # CUDA only
+# mode -> (config fields, Inductor settings): the compile modes, then variants of graphs to compare with it.
 MODES = {
-    "graphs": dict(compile=True, cuda_graphs=True),  # CUDA only
-    "compile": dict(compile=True, cuda_graphs=False),
-    "eager": dict(compile=False),
+    "graphs": (GRAPHS, {}),
+    "compile": (dict(compile=True, cuda_graphs=False), {}),
+    "eager": (dict(compile=False), {}),
+    "autotune": ({**GRAPHS, "autotune": True}, {}),  # Inductor's autotuned matmuls (compile paid once: cache)
+    "cudnn": ({**GRAPHS, "attention": "cudnn"}, {}),  # cuDNN attention against
+    "flash": ({**GRAPHS, "attention": "flash"}, {}),  # FlashAttention, for 65 tokens
+    "combo": (GRAPHS, {"combo_kernels": True}),  # Inductor's combo kernels
+    "eval10k": ({**GRAPHS, "eval_batch_size": 10_000}, {}),  # the test set in one forward pass
 }
+# Kernel name fragments -> category, first match wins: where a step's GPU time goes.
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("matmul", ("gemm", "cutlass", "cublas", "sm90_xmma", "matmul", "mm_")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("fused elementwise", ("triton",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((category for category, parts in KERNEL_CATEGORIES if any(p in low for p in parts)), "other")
+
+
+def seconds_by_category(events) -> dict[str, float]:
+    """Device time per kernel category (summed durations: kernels on several streams count each)."""
+    totals: dict[str, float] = {}
+    for e in gpu_events(events):
+        category = kernel_category(e.name)
+        totals[category] = totals.get(category, 0.0) + (e.time_range.end - e.time_range.start) / 1e6
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
 def bench_train(
@@ -253,8 +290,8 @@ def bench_train(
     """The default configuration (or a tiny one for a CPU dry run) in each compile mode, same run;
     ``on_result(mode, figures)`` is called as each mode finishes (a cut-off run keeps what it measured)."""
     modes = modes or (["graphs", "compile"] if device.type == "cuda" else ["eager"])
-    if device.type != "cuda" and "graphs" in modes:
-        raise SystemExit("the graphs mode needs a CUDA device")
+    if device.type != "cuda" and set(modes) - {"compile", "eager"}:
+        raise SystemExit(f"{', '.join(sorted(set(modes) - {'compile', 'eager'}))}: CUDA graphs need a CUDA device")
     size = dict(dim=32, depth=2, heads=2) if tiny else {}
     results = {}
     for name in modes:
@@ -267,9 +304,10 @@ def bench_train(
             log_dir=str(out_dir / "log"),
             plot_dir=str(out_dir / "plots"),
             **size,
-            **MODES[name],
+            **MODES[name][0],
         )
-        results[name] = bench_epochs(device, cfg, epochs)
+        with torch._inductor.config.patch(**MODES[name][1]):
+            results[name] = bench_epochs(device, cfg, epochs)
         if on_result is not None:
             on_result(name, results[name])
         torch.cuda.empty_cache() if device.type == "cuda" else None

@@ -54,6 +54,8 @@ BAD_VALUES = {
     "amp": "fp8",
     "compile": "yes",
     "compile_cache": 1,
+    "autotune": "yes",
+    "attention": "xformers",
     "cuda_graphs": 1,
     "device": "gpu:x",
     "checkpoint_dir": "",

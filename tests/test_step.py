@@ -296,3 +296,23 @@ def test_compile_cache_points_inductor_at_the_runs_folder_only_when_compiling(ci
     t = Trainer(tiny(tmp_path / "c", compile=True, compile_cache=True), cifar, **QUIET)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(t.paths.compile_cache.resolve())
     assert t.paths.compile_cache == tmp_path / "c" / "checkpoint" / "compile_cache"
+
+
+def test_autotune_comes_first_on_cuda_and_is_said_to_do_nothing_elsewhere(cifar, tmp_path, capsys):
+    cuda = torch.device("cuda")
+    assert compile_modes(True, cuda, None, autotune=True) == ["max-autotune", "reduce-overhead", "default"]
+    assert compile_modes(True, cuda, False, autotune=True) == ["max-autotune-no-cudagraphs", "default"]
+    assert compile_modes(False, cuda, None, autotune=True) == []
+    assert compile_modes(True, torch.device("cpu"), None, autotune=True) == ["default"]
+    Trainer(tiny(tmp_path, autotune=True), cifar, progress="lines")
+    assert "autotune=True has no effect here" in capsys.readouterr().out
+
+
+def test_the_attention_backend_is_the_one_asked_for(cifar, tmp_path):
+    t = Trainer(tiny(tmp_path / "math", epochs=1, attention="math"), cifar, **QUIET)
+    train_all(t)  # the math kernel exists everywhere
+    assert t.epoch == 1
+    cudnn = Trainer(tiny(tmp_path / "cudnn", epochs=1, attention="cudnn"), cifar, **QUIET)
+    cudnn.resume()
+    with pytest.raises(RuntimeError, match="No viable backend for scaled_dot_product_attention"):  # none on a CPU
+        cudnn.run_epoch(1)
