@@ -122,6 +122,7 @@ class Trainer:
         self._interrupted = False  # an epoch started and did not finish: memory is not a checkpoint
         self._cpu_estimate_due = self.device.type == "cpu"
         self._build_state()
+        self.columns = self.csv_columns()  # read once: the model's layers never change
         self.console.hardware_warnings(self.device, self.amp_dtype, cpu_has_native_bf16())
         if cfg.autotune and not any(m.startswith("max-autotune") for m in self._compile_modes):
             self.console.say("note: autotune=True has no effect here: it needs torch.compile on a CUDA device")
@@ -279,7 +280,7 @@ class Trainer:
         if better is not None:
             self.best_acc, self.best_epoch, self.best_source = better
         notes.append(note)
-        notes += self.files.repair_csv(self.epoch, self.csv_columns())
+        notes += self.files.repair_csv(self.epoch, self.columns)
         saved_epochs = state["config"]["epochs"]
         if saved_epochs != self.cfg.epochs:
             notes.append(
@@ -498,7 +499,7 @@ class Trainer:
         values = {**stats, "epoch": self.epoch}
         values.update({f"alpha_{n}": v for n, v in alphas(self.model).items()})
         values.update({f"gain_{n}": v for n, v in gains(self.model).items()})
-        return {c: values[c] for c in self.csv_columns()}
+        return {c: values[c] for c in self.columns}
 
     def best_model(self) -> tuple[ViT, dict]:
         """A separate copy of the model with the best checkpoint's weights (the model being trained
