@@ -19,6 +19,7 @@ import csv
 import io
 import itertools
 import json
+import tempfile
 import threading
 import time
 import zipfile
@@ -219,8 +220,6 @@ def set_aside(path: Path, why: str) -> Optional[Path]:
 
 def check_writable(folder: str | Path) -> None:
     """Raise ``PermissionError`` naming ``folder`` if a file cannot be created in it."""
-    import tempfile
-
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
