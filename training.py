@@ -29,12 +29,12 @@ import torch
 
 import utils
 from config import NORM_NAMES, Config
-from console import CPU_ESTIMATE_STEPS, Console, live_curves, status_line
 from data import CLASSES, CifarTensors, DeviceLoader, Mixup, normalize
 from evaluation import Evaluator
 from models import ViT, alphas, count_parameters, gains, scale_mimetic_to_inputs_
 from recipe import EMA, amp_dtype, build_augment, build_model, build_optimizer, cpu_has_native_bf16, lr_at, warmup_steps
-from run_files import CHECKPOINT_FORMAT, ConfigMismatchError, RunFiles, best_summary, checkpoint_kind, snapshot
+from runs.console import CPU_ESTIMATE_STEPS, Console, live_curves, status_line
+from runs.files import CHECKPOINT_FORMAT, ConfigMismatchError, RunFiles, best_summary, checkpoint_kind, snapshot
 from step import CompiledStep, attention_backend, compile_modes, synced_time
 
 RESEED_STRIDE = 1_000_003  # loader seed after a device-type change: seed * stride + epoch

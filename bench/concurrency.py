@@ -1,5 +1,5 @@
 """What running k trainings at once on one GPU gives: aggregate training throughput of k concurrent
-runs (each its own process, through sweep.py as users run them) against one run alone, same machine,
+runs (each its own process, through python -m sweeps as users run them) against one run alone, same machine,
 same invocation.
 
     python bench/concurrency.py --data-dir ~/data --k 2 --epochs 6
@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import Config, with_overrides  # noqa: E402
-from run_files import read_csv  # noqa: E402
-from sweep import grid, run_sweep  # noqa: E402
+from runs.files import read_csv  # noqa: E402
+from sweeps import grid, run_sweep  # noqa: E402
 
 
 def steady_rate(csv_path: Path, images_per_epoch: int) -> float:

@@ -4,7 +4,7 @@
 #   bash bench/device_check.sh bench DATA_DIR OUT [MODES]          # benchmark -> OUT/bench.{json,log}
 #   bash bench/device_check.sh train DATA_DIR OUT EPOCHS [S]        # the notebook's cells, stopped after S s
 #   bash bench/device_check.sh concurrency DATA_DIR OUT [K]         # K runs at once vs one
-#   bash bench/device_check.sh sweep DATA_DIR OUT RUNS [K] [S] [GRID]  # sweep.py --runs RUNS [--grid GRID],
+#   bash bench/device_check.sh sweep DATA_DIR OUT RUNS [K] [S] [GRID]  # python -m sweeps --runs RUNS [--grid GRID],
 #                                                                   # K at a time, stopped after S s
 # OVERRIDES (environment, a JSON object): config fields for every run (train, sweep, concurrency);
 # NAME: the sweep's name (default "sweep"), also the base of its run names. MODES (bench): e.g. graphs,
@@ -54,8 +54,8 @@ sweep)
   name=${NAME:-sweep}
   args=(--runs "${4:?RUNS}" --overrides "$(overrides)" --per-gpu "${5:-2}" --name "$name")
   if [ -n "${7:-}" ]; then args+=(--grid "$7"); fi
-  timeout -s INT -k 60 "${6:-500}" python3 sweep.py "${args[@]}" 2>&1 | tee "$out/sweep.log"
-  python3 sweep.py "${args[@]}" --table-only 2>&1 | tee "$out/table.txt"
+  timeout -s INT -k 60 "${6:-500}" python3 -m sweeps "${args[@]}" 2>&1 | tee "$out/sweep.log"
+  python3 -m sweeps "${args[@]}" --table-only 2>&1 | tee "$out/table.txt"
   cp "$work/log/${name}_runs.csv" "$work/log/${name}_groups.csv" "$out/" 2>/dev/null
   tar czf "$out/sweep.tgz" -C "$work" .
   ;;

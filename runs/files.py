@@ -4,12 +4,12 @@ per-epoch CSV, the text log, the run lock, and the checks that a file belongs to
 
     checkpoint/<run>_latest.pth   every epoch: everything a resume needs
     checkpoint/<run>_best.pth     a copy of latest from the epoch that scored best
-    checkpoint/<run>.lock         who is training the run now (run_lock.py)
+    checkpoint/<run>.lock         who is training the run now (runs/lock.py)
     checkpoint/compile_cache/     torch.compile's kernels, shared by the runs of this folder
     log/<run>.csv                 one row per epoch, appended
     log/<run>.log                 the text log
     log/<run>_config.json         the config
-    log/<run>_result.json         a sweep's summary of the run (sweep.py)
+    log/<run>_result.json         a sweep's summary of the run (sweeps/)
     plots/<run>_<what>.png        figures
 """
 
@@ -29,9 +29,9 @@ from typing import Optional
 
 import torch
 
-from atomic_files import atomic_copy, atomic_write, temp_files
 from config import Config, config_differences
-from run_lock import RunLock
+from runs.atomic import atomic_copy, atomic_write, temp_files
+from runs.lock import RunLock
 
 CHECKPOINT_FORMAT = 1
 # What a resumable checkpoint must hold (the rng entry: its own keys); checked when it is read.

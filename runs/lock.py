@@ -20,7 +20,7 @@ import weakref
 from pathlib import Path
 from typing import Optional
 
-from atomic_files import atomic_write
+from runs.atomic import atomic_write
 
 STALE_SECONDS = 30 * 60  # a lock from another host whose heartbeat is older than this is taken over
 HEARTBEAT_SECONDS = 60.0  # how often the holder refreshes its heartbeat (far below STALE_SECONDS)

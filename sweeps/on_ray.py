@@ -1,15 +1,15 @@
-"""Sweeps on a Ray cluster: the runs of ``sweep.py`` as Ray Tune trials, one GPU each (or one CPU on a
+"""Sweeps on a Ray cluster: the runs of ``python -m sweeps`` as Ray Tune trials, one GPU each (or one CPU on a
 CPU-only cluster), with early stopping by ASHA. Ray is an optional extra (``requirements-cluster.txt``);
 nothing else in the project imports it.
 
-Each trial calls ``sweep_runs.train_run`` on its config, so the project's own files stay the truth: every
+Each trial calls ``sweeps.runs.train_run`` on its config, so the project's own files stay the truth: every
 run writes its checkpoint, CSV and log where its config says (a shared filesystem on a cluster). A trial
 that Ray retries after a lost node resumes from its last epoch; a sweep run again after the cluster
 restarts trains only the unfinished runs. Each epoch's test accuracy is reported to Tune, so a scheduler
 can stop weak runs; such a run is marked ``stopped early`` in the table.
 
-    python sweep.py --backend ray --grid '{"norm": ["dyt", "ln"], "seed": [0, 1, 2]}' --name norms
-    python sweep.py --backend ray --address auto --runs '[{}, {"lr": 2e-5}]' --scheduler asha --max-epochs 200
+    python -m sweeps --backend ray --grid '{"norm": ["dyt", "ln"], "seed": [0, 1, 2]}' --name norms
+    python -m sweeps --backend ray --address auto --runs '[{}, {"lr": 2e-5}]' --scheduler asha --max-epochs 200
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-import sweep_runs
 from config import Config
 from data import ensure_cifar10
+from sweeps import runs as sweep_runs
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the project, shipped to the workers
 REQUIREMENTS = "requirements-cluster.txt"
 STOPPED = "stopped early"
 # Not shipped to the cluster's workers with the code: environments, data, outputs, caches.
@@ -77,7 +77,7 @@ def run_ray_sweep(
     max_concurrent: int = 0,
     progress: str = "lines",
 ):
-    """Train ``runs`` (``sweep.expand``) as Ray Tune trials and return the same table as ``sweep.run_sweep``.
+    """Train ``runs`` (``sweeps.expand``) as Ray Tune trials and return the same table as ``sweeps.run_sweep``.
 
     Args:
         address: a running cluster (``"auto"``, ``"HOST:PORT"``); None starts Ray on this machine.

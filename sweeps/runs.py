@@ -1,6 +1,6 @@
 """The runs of a sweep, whatever trains them: names from overrides, one run trained to completion
 (``train_run``, the unit of work), where each run stands (``run_result``, from its own files), and the
-table, group statistics and plot. The local backend (sweep.py) and the Ray backend (ray_sweep.py) both
+table, group statistics and plot. The local backend (local.py) and the Ray backend (on_ray.py) both
 build on it.
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import report
-from atomic_files import atomic_write
 from config import Config, config_differences, with_overrides
-from run_files import RunPaths
+from runs.atomic import atomic_write
+from runs.files import RunPaths
 
 DONE = ("finished", "stopped early")  # statuses a sweep run again does not train further
 FOLDER_FIELDS = ("data_dir", "checkpoint_dir", "log_dir", "plot_dir")

@@ -15,13 +15,13 @@ import time
 import pytest
 import torch
 
-import run_files
-import run_lock
 from conftest import QUIET, assert_same_run, rows, tiny, train_all
 from data import CorruptDatasetError, ensure_cifar10, read_batch
 from recipe import lr_at
-from run_files import CheckpointError, RunPaths
-from run_lock import RunLock, RunLockedError
+from runs import files as run_files
+from runs import lock as run_lock
+from runs.files import CheckpointError, RunPaths
+from runs.lock import RunLock, RunLockedError
 from training import DivergenceError, Trainer
 
 
@@ -116,7 +116,7 @@ def test_second_process_on_the_same_run_is_refused_until_the_holder_dies(cifar, 
     cfg = tiny(tmp_path, epochs=1)
     lock_path = tmp_path / "checkpoint" / "dyt_cifar10.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, time; sys.path[:0] = {sys.path!r}; from run_lock import RunLock; "
+        [sys.executable, "-c", f"import sys, time; sys.path[:0] = {sys.path!r}; from runs.lock import RunLock; "
          f"lock = RunLock({str(lock_path)!r}); lock.acquire(); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-import run_files
 from config import Config
 from report import describe, next_steps, summarize_run
+from runs import files as run_files
 
 
 def _csv(tmp_path, accs, clean=None, ema=None):

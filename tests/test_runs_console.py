@@ -4,10 +4,10 @@ curves redrawn in place, and the stop button's short message."""
 import pytest
 import torch
 
-import console
 import utils
 from conftest import tiny, train_all
-from console import Console, LiveCurves
+from runs import console
+from runs.console import Console, LiveCurves
 from training import Trainer, TrainingInterrupted
 
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-import run_files
 from conftest import rows, tiny
-from run_files import CheckpointError, CheckpointWriter, RunFiles, RunPaths
-from run_lock import RunLockedError
+from runs import files as run_files
+from runs.files import CheckpointError, CheckpointWriter, RunFiles, RunPaths
+from runs.lock import RunLockedError
 
 
 def test_every_file_name_comes_from_run_paths(tmp_path):

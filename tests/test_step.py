@@ -11,7 +11,7 @@ import recipe
 import step
 from config import Config
 from conftest import QUIET, rows, tiny, train_all, without_time
-from run_files import RunPaths
+from runs.files import RunPaths
 from step import CompiledStep, StepForward, compile_modes, soft_cross_entropy
 from training import Trainer
 

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-import run_files
-import sweep
+import sweeps
 from config import Config
 from conftest import rows, write_fake_cifar10
-from run_files import RunPaths
+from runs import files as run_files
+from runs.files import RunPaths
+from sweeps.__main__ import main as sweeps_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +32,7 @@ def _base(tmp_path, data, **kw) -> Config:
 
 
 def test_grid_names_each_run_after_its_overrides():
-    runs = sweep.grid(Config(run_name="mine"), {"norm": ["dyt", "ln"], "seed": [0, 1]})
+    runs = sweeps.grid(Config(run_name="mine"), {"norm": ["dyt", "ln"], "seed": [0, 1]})
     assert [c.name for c, _ in runs] == [
         "mine_norm-dyt_seed-0",
         "mine_norm-dyt_seed-1",
@@ -44,8 +45,8 @@ def test_grid_names_each_run_after_its_overrides():
 
 def test_tiny_sweep_table_group_statistics_and_plot(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
-    runs = sweep.grid(_base(tmp_path, data), {"norm": ["dyt", "ln"], "seed": [0, 1]})
-    table = sweep.run_sweep(runs, per_gpu=2, name="norms", progress="off")
+    runs = sweeps.grid(_base(tmp_path, data), {"norm": ["dyt", "ln"], "seed": [0, 1]})
+    table = sweeps.run_sweep(runs, per_gpu=2, name="norms", progress="off")
     assert list(table["status"]) == ["finished"] * 4 and list(table["epochs"]) == [2] * 4
     for cfg, _ in runs:
         accs = [100 * float(r["test_acc"]) for r in rows(Path(cfg.log_dir) / f"{cfg.name}.csv")]
@@ -61,7 +62,7 @@ def test_tiny_sweep_table_group_statistics_and_plot(tmp_path):
     assert (tmp_path / "plots" / "norms.png").read_bytes()[:4] == b"\x89PNG"
     # Run again: everything is finished, nothing is trained.
     before = {c.name: (Path(c.log_dir) / f"{c.name}.csv").read_bytes() for c, _ in runs}
-    again = sweep.run_sweep(runs, per_gpu=2, name="norms", progress="off")
+    again = sweeps.run_sweep(runs, per_gpu=2, name="norms", progress="off")
     assert list(again["status"]) == ["finished"] * 4
     assert before == {c.name: (Path(c.log_dir) / f"{c.name}.csv").read_bytes() for c, _ in runs}
 
@@ -69,8 +70,8 @@ def test_tiny_sweep_table_group_statistics_and_plot(tmp_path):
 def test_one_failing_run_does_not_stop_the_others(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
     base = _base(tmp_path, data, epochs=1, lr=1e30, min_lr=0.0, grad_clip=0.0, warmup_epochs=0)
-    runs = sweep.grid(base, {"norm": ["dyt"], "lr": [1e30, 1e-3]})
-    table = sweep.run_sweep(runs, per_gpu=2, name="mixed", progress="off")
+    runs = sweeps.grid(base, {"norm": ["dyt"], "lr": [1e30, 1e-3]})
+    table = sweeps.run_sweep(runs, per_gpu=2, name="mixed", progress="off")
     status = dict(zip(table["run_name"], table["status"]))
     assert status[runs[0][0].name] == "diverged" and status[runs[1][0].name] == "finished"
     assert "diverged" in table[table["status"] == "diverged"].iloc[0]["error"]
@@ -79,7 +80,7 @@ def test_one_failing_run_does_not_stop_the_others(tmp_path):
 def test_killed_sweep_resumes_every_run_once(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=60, test=40)
     overrides = json.dumps(_base(tmp_path, data, epochs=4, batch_size=10).to_dict())
-    command = [sys.executable, str(ROOT / "sweep.py"), "--grid", '{"norm": ["dyt", "ln"], "seed": [0]}',
+    command = [sys.executable, "-m", "sweeps", "--grid", '{"norm": ["dyt", "ln"], "seed": [0]}',
                "--overrides", overrides, "--per-gpu", "2", "--name", "killed"]  # fmt: skip
     proc = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL)
     log = tmp_path / "log" / "dyt_cifar10_norm-dyt_seed-0.csv"
@@ -100,7 +101,7 @@ def test_killed_sweep_resumes_every_run_once(tmp_path):
 
 
 def test_listed_runs_cross_the_grid_and_clashes_are_refused():
-    runs = sweep.expand(Config(run_name="r"), [{}, {"pool": "gap", "lr": 0.002}], {"seed": [0, 1]})
+    runs = sweeps.expand(Config(run_name="r"), [{}, {"pool": "gap", "lr": 0.002}], {"seed": [0, 1]})
     assert [c.name for c, _ in runs] == [
         "r_seed-0",
         "r_seed-1",
@@ -110,24 +111,24 @@ def test_listed_runs_cross_the_grid_and_clashes_are_refused():
     assert [(c.pool, c.lr, c.seed) for c, _ in runs] == [
         ("cls", Config().lr, 0), ("cls", Config().lr, 1), ("gap", 0.002, 0), ("gap", 0.002, 1)
     ]  # fmt: skip
-    assert [c.name for c, _ in sweep.expand(Config(run_name="r"), [{}, {"norm": "ln"}])] == ["r", "r_norm-ln"]
+    assert [c.name for c, _ in sweeps.expand(Config(run_name="r"), [{}, {"norm": "ln"}])] == ["r", "r_norm-ln"]
     with pytest.raises(ValueError, match="share the name 'r'"):
-        sweep.expand(Config(run_name="r"), [{}, {}])
+        sweeps.expand(Config(run_name="r"), [{}, {}])
     with pytest.raises(ValueError, match="seed is set both"):
-        sweep.expand(Config(), [{"seed": 1}], {"seed": [0]})
+        sweeps.expand(Config(), [{"seed": 1}], {"seed": [0]})
     with pytest.raises(ValueError, match="did you mean 'seed'"):
-        sweep.expand(Config(), [{"sed": 1}])
+        sweeps.expand(Config(), [{"sed": 1}])
     for bad in ([], {"pool": "gap"}, [1]):
         with pytest.raises(ValueError, match="non-empty list of JSON objects"):
-            sweep.expand(Config(), bad)
+            sweeps.expand(Config(), bad)
     with pytest.raises(ValueError, match="non-empty list of values"):
-        sweep.expand(Config(), [{}], {"seed": []})
+        sweeps.expand(Config(), [{}], {"seed": []})
 
 
 def test_listed_runs_table_fills_fields_from_the_config_and_reports_unfinished_runs(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
-    runs = sweep.expand(_base(tmp_path, data, epochs=2), [{}, {"pool": "gap"}, {"pool": "gap", "ema_decay": 0.9}])
-    table = sweep.run_sweep(runs, per_gpu=3, name="recipes", progress="off")
+    runs = sweeps.expand(_base(tmp_path, data, epochs=2), [{}, {"pool": "gap"}, {"pool": "gap", "ema_decay": 0.9}])
+    table = sweeps.run_sweep(runs, per_gpu=3, name="recipes", progress="off")
     assert list(table["status"]) == ["finished"] * 3
     assert list(table["pool"]) == ["cls", "gap", "gap"]  # the base config's value where a run left it alone
     assert list(table["ema_decay"]) == [Config().ema_decay, Config().ema_decay, 0.9]
@@ -136,7 +137,7 @@ def test_listed_runs_table_fills_fields_from_the_config_and_reports_unfinished_r
     paths = RunPaths.of(runs[1][0])
     paths.result.unlink()
     run_files.repair_csv(paths.csv, 1, [])
-    again = sweep.write_results(runs, "recipes")
+    again = sweeps.write_results(runs, "recipes")
     row = again[again["run_name"] == runs[1][0].name].iloc[0]
     assert row["status"] == "unfinished" and row["epochs"] == 1
     accs = [100 * float(r["test_acc"]) for r in rows(paths.csv)]
@@ -145,10 +146,10 @@ def test_listed_runs_table_fills_fields_from_the_config_and_reports_unfinished_r
     written = (tmp_path / "log" / "recipes_runs.csv").read_text()
     assert "unfinished" in written and written.count("finished") == 3
     # The same sweep asked again with another shared setting: those files are not this config's results.
-    other = sweep.expand(_base(tmp_path, data, epochs=2, lr=2e-3), [{}, {"pool": "gap"}])
+    other = sweeps.expand(_base(tmp_path, data, epochs=2, lr=2e-3), [{}, {"pool": "gap"}])
     before = paths.csv.read_bytes()
     with pytest.raises(ValueError, match=r"2 run\(s\) of this sweep already have files from another config") as info:
-        sweep.run_sweep(other, per_gpu=3, name="recipes", progress="off")
+        sweeps.run_sweep(other, per_gpu=3, name="recipes", progress="off")
     assert "lr 0.001 there, 0.002 now" in str(info.value) and runs[1][0].name in str(info.value)
     assert paths.csv.read_bytes() == before  # nothing trained
 
@@ -156,7 +157,7 @@ def test_listed_runs_table_fills_fields_from_the_config_and_reports_unfinished_r
 def test_command_line_table_only_and_bad_input(tmp_path, capsys):
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
     overrides = json.dumps(_base(tmp_path, data, epochs=1).to_dict())
-    base = [sys.executable, str(ROOT / "sweep.py"), "--overrides", overrides, "--name", "cli"]
+    base = [sys.executable, "-m", "sweeps", "--overrides", overrides, "--name", "cli"]
     listed = ["--runs", '[{}, {"norm": "ln"}]']
     shown = subprocess.run(base + listed + ["--table-only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
@@ -169,23 +170,23 @@ def test_command_line_table_only_and_bad_input(tmp_path, capsys):
         ([], "give --grid, --runs or both"),
     ):  # the same entry point, in this process (the command line above proved it starts)
         with pytest.raises(SystemExit) as exit_code:
-            sweep.main(["--overrides", overrides, "--name", "cli"] + args)
+            sweeps_main(["--overrides", overrides, "--name", "cli"] + args)
         assert exit_code.value.code == 2 and message in capsys.readouterr().err, (args, message)
 
 
 def test_the_ray_backend_without_ray_says_what_to_install_and_its_flags_need_it(tmp_path, monkeypatch, capsys):
-    import ray_sweep
+    from sweeps import on_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as on a machine without the optional extra
     with pytest.raises(RuntimeError, match="pip install -r requirements-cluster.txt") as info:
-        ray_sweep.import_ray()
+        on_ray.import_ray()
     assert "The local backend (the default) needs nothing more" in str(info.value)
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
     overrides = json.dumps(_base(tmp_path, data, epochs=1).to_dict())
     with pytest.raises(SystemExit) as exit_code:
-        sweep.main(["--overrides", overrides, "--runs", "[{}]", "--backend", "ray"])
+        sweeps_main(["--overrides", overrides, "--runs", "[{}]", "--backend", "ray"])
     assert exit_code.value.code == 2 and "requirements-cluster.txt" in capsys.readouterr().err
     assert not (tmp_path / "ck").exists()  # nothing trained
     with pytest.raises(SystemExit):
-        sweep.main(["--overrides", overrides, "--runs", "[{}]", "--scheduler", "asha"])
+        sweeps_main(["--overrides", overrides, "--runs", "[{}]", "--scheduler", "asha"])
     assert "--scheduler only mean something with --backend ray" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Sweeps on Ray (ray_sweep.py), on a local Ray instance started once for this module: the same files as
+"""Sweeps on Ray (on_ray.py), on a local Ray instance started once for this module: the same files as
 the local backend, a trial killed mid-run retried from its last epoch, ASHA stopping a clearly worse run.
 Ray is an optional extra (requirements-cluster.txt); CI installs it, so these run there."""
 
@@ -11,16 +11,16 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -r requirements-cluster.txt")
 
-import ray_sweep  # noqa: E402
-import sweep  # noqa: E402
+import sweeps  # noqa: E402
 from config import Config  # noqa: E402
 from conftest import rows, write_fake_cifar10  # noqa: E402
-from run_files import RunPaths  # noqa: E402
+from runs.files import RunPaths  # noqa: E402
+from sweeps import on_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray_sweep.start_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    on_ray.start_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -39,11 +39,11 @@ def test_a_ray_sweep_writes_what_the_local_backend_writes(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
     tables = {}
     for backend in ("local", "ray"):
-        runs = sweep.grid(_base(tmp_path / backend, data), {"norm": ["dyt", "ln"]})
+        runs = sweeps.grid(_base(tmp_path / backend, data), {"norm": ["dyt", "ln"]})
         if backend == "local":
-            tables[backend] = sweep.run_sweep(runs, per_gpu=2, name="norms", progress="off")  # 1 thread each
+            tables[backend] = sweeps.run_sweep(runs, per_gpu=2, name="norms", progress="off")  # 1 thread each
         else:
-            tables[backend] = ray_sweep.run_ray_sweep(runs, "norms", progress="off")  # 1 CPU each
+            tables[backend] = on_ray.run_ray_sweep(runs, "norms", progress="off")  # 1 CPU each
         for cfg, _ in runs:
             tables[(backend, cfg.name)] = [
                 (r["epoch"], r["test_acc"], r["train_loss"]) for r in rows(RunPaths.of(cfg).csv)
@@ -54,7 +54,7 @@ def test_a_ray_sweep_writes_what_the_local_backend_writes(tmp_path):
     assert (tmp_path / "ray" / "log" / "norms_groups.csv").exists() and (
         tmp_path / "ray" / "plots" / "norms.png"
     ).exists()
-    again = ray_sweep.run_ray_sweep(runs, "norms", progress="off")  # finished runs are not trained again
+    again = on_ray.run_ray_sweep(runs, "norms", progress="off")  # finished runs are not trained again
     assert [(r["epoch"], r["test_acc"], r["train_loss"]) for r in rows(RunPaths.of(runs[0][0]).csv)] == tables[
         ("ray", runs[0][0].name)
     ] and list(again["status"]) == ["finished", "finished"]
@@ -62,8 +62,8 @@ def test_a_ray_sweep_writes_what_the_local_backend_writes(tmp_path):
 
 def test_a_trial_killed_mid_run_is_retried_and_resumes(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=60, test=40)
-    runs = sweep.grid(_base(tmp_path, data, epochs=4, batch_size=10), {"seed": [0]})
-    paths = RunPaths.of(ray_sweep.with_absolute_folders(runs[0][0]))
+    runs = sweeps.grid(_base(tmp_path, data, epochs=4, batch_size=10), {"seed": [0]})
+    paths = RunPaths.of(on_ray.with_absolute_folders(runs[0][0]))
     killed = []
 
     def kill_the_worker_after_its_first_epoch():
@@ -80,7 +80,7 @@ def test_a_trial_killed_mid_run_is_retried_and_resumes(tmp_path):
 
     watcher = threading.Thread(target=kill_the_worker_after_its_first_epoch)
     watcher.start()
-    table = ray_sweep.run_ray_sweep(runs, "killed", max_failures=2, progress="off")
+    table = on_ray.run_ray_sweep(runs, "killed", max_failures=2, progress="off")
     watcher.join()
     assert killed and killed[0] < 4  # it died part-way
     assert [r["epoch"] for r in rows(paths.csv)] == ["1", "2", "3", "4"]  # every epoch once
@@ -90,8 +90,8 @@ def test_a_trial_killed_mid_run_is_retried_and_resumes(tmp_path):
 def test_asha_stops_a_clearly_worse_run_and_the_table_says_so(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=60, test=50)
     base = _base(tmp_path, data, epochs=4, batch_size=10, warmup_epochs=0, clean_train_images=0)
-    runs = sweep.expand(base, [{"lr": 3e-3}, {"lr": 1e-7, "min_lr": 0.0}])  # the good run first
-    table = ray_sweep.run_ray_sweep(
+    runs = sweeps.expand(base, [{"lr": 3e-3}, {"lr": 1e-7, "min_lr": 0.0}])  # the good run first
+    table = on_ray.run_ray_sweep(
         runs, "asha", scheduler="asha", max_epochs=4, grace_epochs=1, max_concurrent=1, progress="off"
     )
     status = dict(zip(table["run_name"], zip(table["status"], table["epochs"])))

@@ -7,13 +7,13 @@ import torch
 
 import figures
 import recipe
-import run_files
 from config import Config
 from conftest import QUIET, assert_same_run, rows, tiny, train_all, without_time
 from data import DatasetNotFoundError, load_cifar10
 from models import DynamicTanh, ViT
 from recipe import lr_at
-from run_files import CheckpointError, ConfigMismatchError
+from runs import files as run_files
+from runs.files import CheckpointError, ConfigMismatchError
 from training import Trainer
 
 

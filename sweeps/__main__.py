@@ -1,0 +1,82 @@
+"""Several runs side by side from the command line: a list and/or a grid of config overrides becomes
+runs (sweeps/runs.py), each trained in its own process on this machine (sweeps/local.py) or as a Ray Tune
+trial on a cluster (``--backend ray``, sweeps/on_ray.py, an optional extra). Running the same sweep again
+continues every unfinished run and skips the finished ones.
+
+    python -m sweeps --grid '{"norm": ["dyt", "ln"], "seed": [0, 1, 2]}' --per-gpu 2 --name norms
+    python -m sweeps --runs '[{}, {"randaug_prob": 0.5}, {"randaug_magnitude": 5}]' --per-gpu 3 --name recipes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from config import Config, with_overrides
+from sweeps.local import run_sweep
+from sweeps.runs import expand, show, train_run, write_results
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m sweeps", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--grid", help='JSON object: field -> list of values, e.g. \'{"norm": ["dyt", "ln"], "seed": [0, 1]}\''
+    )
+    ap.add_argument(
+        "--runs",
+        help='JSON list of override objects, one run each (crossed with --grid), e.g. \'[{}, {"pool": "gap"}]\'',
+    )
+    ap.add_argument("--overrides", default="{}", help="JSON object of Config fields shared by every run")
+    ap.add_argument("--per-gpu", type=int, default=1, help="runs at a time on each GPU (or on the CPU)")
+    ap.add_argument("--name", default="sweep", help="names the table, group statistics and plot")
+    ap.add_argument(
+        "--table-only", action="store_true", help="write and show the table of the runs so far; train nothing"
+    )
+    cluster = ap.add_argument_group("on a Ray cluster (pip install -r requirements-cluster.txt)")
+    cluster.add_argument("--backend", choices=("local", "ray"), default="local", help="where the runs train")
+    cluster.add_argument("--address", help="a running Ray cluster: auto or HOST:PORT (default: start Ray here)")
+    cluster.add_argument("--scheduler", choices=("asha",), help="stop runs whose test accuracy trails (ASHA)")
+    cluster.add_argument("--max-epochs", type=int, help="ASHA's last rung (default: the runs' epochs)")
+    cluster.add_argument("--grace-epochs", type=int, help="epochs before ASHA may stop a run (default: max/4)")
+    cluster.add_argument("--max-failures", type=int, default=2, help="retries of a run whose worker or node died")
+    cluster.add_argument("--max-concurrent", type=int, default=0, help="runs at once (default: as resources allow)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one config as JSON
+    args = ap.parse_args(argv)
+    ray_only = [f"--{n.replace('_', '-')}" for n in ("address", "scheduler", "max_epochs", "grace_epochs")
+                if getattr(args, n) is not None]  # fmt: skip
+    if args.backend != "ray" and ray_only:
+        ap.error(f"{', '.join(ray_only)} only mean something with --backend ray")
+    if args.one:
+        result = train_run(json.loads(args.one))
+        print(json.dumps(result))
+        sys.exit(0 if result["status"] == "finished" else 1)
+    if not args.grid and not args.runs:
+        ap.error("give --grid, --runs or both")
+    try:
+        listed = json.loads(args.runs) if args.runs else [{}]
+        axes = json.loads(args.grid) if args.grid else {}
+        runs = expand(with_overrides(Config(), args.overrides), listed, axes)
+    except ValueError as e:  # bad JSON, an unknown field, a bad value, clashing names
+        ap.error(str(e))
+    try:
+        if args.table_only:
+            table = write_results(runs, args.name)
+        elif args.backend == "ray":
+            from sweeps import on_ray
+
+            table = on_ray.run_ray_sweep(
+                runs, args.name, args.address, args.scheduler, args.max_epochs, args.grace_epochs,
+                args.max_failures, args.max_concurrent,
+            )  # fmt: skip
+        else:
+            table = run_sweep(runs, args.per_gpu, args.name)
+    except (ValueError, RuntimeError) as e:  # runs whose files belong to another config; Ray missing
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
+    show(table)
+
+
+if __name__ == "__main__":
+    main()
