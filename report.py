@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from runs.files import read_csv
+from runs.history import read_csv
 
 LAST_EPOCHS = 5  # a run is scored by the mean test accuracy of its last epochs (less noisy than the best)
 

@@ -33,8 +33,9 @@ from data import CLASSES, CifarTensors, DeviceLoader, Mixup, normalize
 from evaluation import Evaluator
 from models import ViT, alphas, count_parameters, gains, scale_mimetic_to_inputs_
 from recipe import EMA, amp_dtype, build_augment, build_model, build_optimizer, cpu_has_native_bf16, lr_at, warmup_steps
+from runs.checkpoints import CHECKPOINT_FORMAT, ConfigMismatchError, best_summary, checkpoint_kind, snapshot
 from runs.console import CPU_ESTIMATE_STEPS, Console, live_curves, status_line
-from runs.files import CHECKPOINT_FORMAT, ConfigMismatchError, RunFiles, best_summary, checkpoint_kind, snapshot
+from runs.files import RunFiles
 from step import CompiledStep, attention_backend, compile_modes, synced_time
 
 RESEED_STRIDE = 1_000_003  # loader seed after a device-type change: seed * stride + epoch

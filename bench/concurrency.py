@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import Config, with_overrides  # noqa: E402
-from runs.files import read_csv  # noqa: E402
+from runs.history import read_csv  # noqa: E402
 from sweeps import grid, run_sweep  # noqa: E402
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import write_fake_cifar10
-from runs.files import read_csv
+from runs.history import read_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "dyt_cifar10.ipynb"

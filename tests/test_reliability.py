@@ -20,7 +20,8 @@ from data import CorruptDatasetError, ensure_cifar10, read_batch
 from recipe import lr_at
 from runs import files as run_files
 from runs import lock as run_lock
-from runs.files import CheckpointError, RunPaths
+from runs.checkpoints import CheckpointError
+from runs.files import RunPaths
 from runs.lock import RunLock, RunLockedError
 from training import DivergenceError, Trainer
 

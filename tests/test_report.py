@@ -6,7 +6,7 @@ import pytest
 
 from config import Config
 from report import describe, next_steps, summarize_run
-from runs import files as run_files
+from runs import history
 
 
 def _csv(tmp_path, accs, clean=None, ema=None):
@@ -17,7 +17,7 @@ def _csv(tmp_path, accs, clean=None, ema=None):
             row["train_clean_acc"] = clean
         if ema is not None:
             row["ema_test_acc"] = ema[i]
-        run_files.append_csv(path, row)
+        history.append_csv(path, row)
     return path
 
 

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from conftest import rows, tiny
+from runs import checkpoints, history
 from runs import files as run_files
-from runs.files import CheckpointError, CheckpointWriter, RunFiles, RunPaths
+from runs.checkpoints import CheckpointError, CheckpointWriter
+from runs.files import RunFiles, RunPaths
 from runs.lock import RunLockedError
 
 
@@ -28,25 +30,25 @@ def test_every_file_name_comes_from_run_paths(tmp_path):
 
 def test_a_csv_from_an_older_version_gains_the_new_columns(tmp_path):
     path = tmp_path / "run.csv"
-    run_files.append_csv(path, {"epoch": 1, "test_acc": 0.5, "epoch_seconds": 3.0})
-    run_files.append_csv(path, {"epoch": 2, "test_acc": 0.6, "train_seconds": 2.0})
+    history.append_csv(path, {"epoch": 1, "test_acc": 0.5, "epoch_seconds": 3.0})
+    history.append_csv(path, {"epoch": 2, "test_acc": 0.6, "train_seconds": 2.0})
     table = rows(path)
     assert list(table[0]) == ["epoch", "test_acc", "epoch_seconds", "train_seconds"]
     assert table[0] == {"epoch": "1", "test_acc": "0.5", "epoch_seconds": "3.0", "train_seconds": ""}
     assert table[1] == {"epoch": "2", "test_acc": "0.6", "epoch_seconds": "", "train_seconds": "2.0"}
-    run_files.append_csv(path, {"epoch": 3, "test_acc": 0.7, "train_seconds": 2.0})
+    history.append_csv(path, {"epoch": 3, "test_acc": 0.7, "train_seconds": 2.0})
     assert [r["epoch"] for r in rows(path)] == ["1", "2", "3"]
 
 
 def test_repair_keeps_rows_up_to_the_epoch_and_drops_damaged_lines(tmp_path):
     path = tmp_path / "run.csv"
     for e in (1, 2, 3):
-        run_files.append_csv(path, {"epoch": e, "test_acc": e / 10})
+        history.append_csv(path, {"epoch": e, "test_acc": e / 10})
     with open(path, "ab") as f:
         f.write(b"4,0.4\n5\n" + b"\0" * 20 + b"\n")  # rows past epoch 2, a partial row, a NUL line
-    assert run_files.repair_csv(path, 2, ["epoch", "test_acc"]) == (2, 2, False)
+    assert history.repair_csv(path, 2, ["epoch", "test_acc"]) == (2, 2, False)
     assert rows(path) == [{"epoch": "1", "test_acc": "0.1"}, {"epoch": "2", "test_acc": "0.2"}]
-    assert run_files.repair_csv(path, 2, ["epoch", "test_acc"]) == (0, 0, False)  # sound: left alone
+    assert history.repair_csv(path, 2, ["epoch", "test_acc"]) == (0, 0, False)  # sound: left alone
 
 
 def test_set_aside_never_replaces_an_earlier_set_aside_file(tmp_path):
@@ -65,7 +67,7 @@ def test_the_writer_saves_latest_then_copies_it_as_best_and_readers_wait(tmp_pat
     state = {"format": 1, "config": {}, "x": torch.arange(1000)}
     latest, best = tmp_path / "a_latest.pth", tmp_path / "a_best.pth"
     writer.submit(latest, state, (best,))
-    assert torch.equal(run_files.load_checkpoint(best, resumable=False)["x"], state["x"])  # waits for the copy
+    assert torch.equal(checkpoints.load_checkpoint(best, resumable=False)["x"], state["x"])  # waits for the copy
     writer.wait()
     assert latest.read_bytes() == best.read_bytes()
     writer.submit(latest, {**state, "x": torch.zeros(3)})  # no copy: best keeps the earlier epoch

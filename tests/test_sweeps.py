@@ -14,7 +14,7 @@ import pytest
 import sweeps
 from config import Config
 from conftest import rows, write_fake_cifar10
-from runs import files as run_files
+from runs import history
 from runs.files import RunPaths
 from sweeps.__main__ import main as sweeps_main
 
@@ -136,7 +136,7 @@ def test_listed_runs_table_fills_fields_from_the_config_and_reports_unfinished_r
     # A run killed after its first epoch: reported from its CSV, kept out of the groups.
     paths = RunPaths.of(runs[1][0])
     paths.result.unlink()
-    run_files.repair_csv(paths.csv, 1, [])
+    history.repair_csv(paths.csv, 1, [])
     again = sweeps.write_results(runs, "recipes")
     row = again[again["run_name"] == runs[1][0].name].iloc[0]
     assert row["status"] == "unfinished" and row["epochs"] == 1

@@ -12,8 +12,8 @@ from conftest import QUIET, assert_same_run, rows, tiny, train_all, without_time
 from data import DatasetNotFoundError, load_cifar10
 from models import DynamicTanh, ViT
 from recipe import lr_at
-from runs import files as run_files
-from runs.files import CheckpointError, ConfigMismatchError
+from runs import checkpoints, history
+from runs.checkpoints import CheckpointError, ConfigMismatchError
 from training import Trainer
 
 
@@ -196,12 +196,12 @@ def test_foreign_file_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "x.pth"
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="not a checkpoint"):
-        run_files.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "run_latest.pth"
-    run_files.save_checkpoint(path, {"format": 1, "config": {}, "v": torch.ones(3)})
+    checkpoints.save_checkpoint(path, {"format": 1, "config": {}, "v": torch.ones(3)})
     good = path.read_bytes()
 
     def crash(obj, f):
@@ -211,7 +211,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        run_files.save_checkpoint(path, {"format": 1, "config": {}, "v": torch.zeros(3)})
+        checkpoints.save_checkpoint(path, {"format": 1, "config": {}, "v": torch.zeros(3)})
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["run_latest.pth"]  # no temp file left behind
 
@@ -222,7 +222,7 @@ def test_resume_drops_csv_rows_past_the_checkpoint(cifar, tmp_path):
         t.run_epoch(epoch)
     # Epoch 2 was trained and logged, then the kernel died before its checkpoint was written.
     extra = dict(rows(t.paths.csv)[0], epoch="2")
-    run_files.append_csv(t.paths.csv, extra)
+    history.append_csv(t.paths.csv, extra)
     again = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
     assert again.resume() == 1
     assert [r["epoch"] for r in rows(again.paths.csv)] == ["1"]
@@ -281,7 +281,7 @@ def test_csv_log_and_config_files(cifar, tmp_path):
 def test_plots_are_drawn_from_the_csv_alone(tmp_path):
     csv_path = tmp_path / "run.csv"
     for e in range(1, 4):
-        run_files.append_csv(
+        history.append_csv(
             csv_path,
             {
                 "epoch": e,
