@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import CLASSES, CifarTensors, DeviceLoader
+from runs import history
 
 
 class Evaluator:
@@ -65,14 +66,14 @@ class Evaluator:
         """``test_loss``, ``test_acc`` (and ``ema_``-prefixed for ``ema``), and ``train_clean_acc`` of
         ``model`` when clean training images are scored; ``on_batch`` after each forward pass."""
         scored = {}
-        for prefix, net in (("", model), ("ema_", ema)):
+        for prefix, net in (("", model), (history.EMA, ema)):
             if net is not None:
                 logits, labels, loss_sum = self.predict(net, on_batch=on_batch)
-                scored[f"{prefix}test_loss"] = loss_sum / len(labels)
-                scored[f"{prefix}test_acc"] = (logits.argmax(-1) == labels).float().mean()
+                scored[prefix + history.TEST_LOSS] = loss_sum / len(labels)
+                scored[prefix + history.TEST_ACC] = (logits.argmax(-1) == labels).float().mean()
         if self.clean_train_loader is not None:
             logits, labels, _ = self.predict(model, self.clean_train_loader, on_batch)
-            scored["train_clean_acc"] = (logits.argmax(-1) == labels).float().mean()
+            scored[history.TRAIN_CLEAN_ACC] = (logits.argmax(-1) == labels).float().mean()
         values = torch.stack(list(scored.values())).tolist()  # one host sync
         return dict(zip(scored, values))
 

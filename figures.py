@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from data import CIFAR10_MEAN, CIFAR10_STD, CLASSES
+from runs import history as h
 
 
 def _figure(rows: int, cols: int, size: tuple[float, float]):
@@ -38,31 +39,35 @@ def plot_run(csv_path: str | Path, out_path: str | Path, title: str = "", mixup:
     fig, ax = _figure(2, 3, (15, 7.5))
     mixed = ", mixup" if mixup else ""
     a = ax[0, 0]
-    a.plot(df.epoch, df.train_loss, label=f"train (augmented{mixed}, label smoothing)")
-    a.plot(df.epoch, df.test_loss, label="test")
-    if "ema_test_loss" in df:
-        a.plot(df.epoch, df.ema_test_loss, label="test (EMA weights)")
+    a.plot(df[h.EPOCH], df[h.TRAIN_LOSS], label=f"train (augmented{mixed}, label smoothing)")
+    a.plot(df[h.EPOCH], df[h.TEST_LOSS], label="test")
+    if h.EMA_TEST_LOSS in df:
+        a.plot(df[h.EPOCH], df[h.EMA_TEST_LOSS], label="test (EMA weights)")
     a.set(title="loss")
     a.legend()
     a = ax[0, 1]
-    a.plot(df.epoch, 100 * df.train_acc, label=f"train (augmented{', vs the dominant label' if mixup else ''})")
-    if "train_clean_acc" in df:  # above test: overfitting; near or below it: underfitting
-        a.plot(df.epoch, 100 * df.train_clean_acc, label="train (clean images)")
-    a.plot(df.epoch, 100 * df.test_acc, label=f"test (best {100 * df.test_acc.max():.2f}%)")
-    if "ema_test_acc" in df:
-        a.plot(df.epoch, 100 * df.ema_test_acc, label=f"test, EMA weights (best {100 * df.ema_test_acc.max():.2f}%)")
+    a.plot(df[h.EPOCH], 100 * df[h.TRAIN_ACC], label=f"train (augmented{', vs the dominant label' if mixup else ''})")
+    if h.TRAIN_CLEAN_ACC in df:  # above test: overfitting; near or below it: underfitting
+        a.plot(df[h.EPOCH], 100 * df[h.TRAIN_CLEAN_ACC], label="train (clean images)")
+    a.plot(df[h.EPOCH], 100 * df[h.TEST_ACC], label=f"test (best {100 * df[h.TEST_ACC].max():.2f}%)")
+    if h.EMA_TEST_ACC in df:
+        a.plot(
+            df[h.EPOCH],
+            100 * df[h.EMA_TEST_ACC],
+            label=f"test, EMA weights (best {100 * df[h.EMA_TEST_ACC].max():.2f}%)",
+        )
     a.set(title="accuracy (%)")
     a.legend()
     a.grid(alpha=0.3)
-    ax[0, 2].plot(df.epoch, df.lr)
+    ax[0, 2].plot(df[h.EPOCH], df[h.LR])
     ax[0, 2].set(title="learning rate (end of epoch)")
     colors = colormaps["viridis"]
-    layers = [c[len("gain_") :] for c in df.columns if c.startswith("gain_")]
-    for col, (prefix, what) in enumerate((("alpha_", "DyT alpha"), ("gain_", "norm gain: mean |weight| x alpha"))):
+    layers = [c[len(h.GAIN) :] for c in df.columns if c.startswith(h.GAIN)]
+    for col, (prefix, what) in enumerate(((h.ALPHA, "DyT alpha"), (h.GAIN, "norm gain: mean |weight| x alpha"))):
         a = ax[1, col]
         shown = [n for n in layers if prefix + n in df]
         for i, n in enumerate(shown):  # first layer dark, last (the final norm) light
-            a.plot(df.epoch, df[prefix + n], label=n, color=colors(i / max(len(layers) - 1, 1)))
+            a.plot(df[h.EPOCH], df[prefix + n], label=n, color=colors(i / max(len(layers) - 1, 1)))
         a.set(title=f"{what} per layer" if shown else "no DyT layers (LayerNorm run)")
     handles, labels = ax[1, 1].get_legend_handles_labels()
     ax[1, 2].axis("off")
@@ -83,14 +88,14 @@ def plot_progress(csv_path: str | Path, out_path: str | Path, title: str = ""):
 
     df = pd.read_csv(csv_path)
     fig, ax = _figure(1, 2, (10, 3.4))
-    ax[0, 0].plot(df.epoch, df.train_loss, label="train")
-    ax[0, 0].plot(df.epoch, df.test_loss, label="test")
+    ax[0, 0].plot(df[h.EPOCH], df[h.TRAIN_LOSS], label="train")
+    ax[0, 0].plot(df[h.EPOCH], df[h.TEST_LOSS], label="test")
     ax[0, 0].set(title="loss")
-    if "train_clean_acc" in df:
-        ax[0, 1].plot(df.epoch, 100 * df.train_clean_acc, label="train (clean images)")
-    ax[0, 1].plot(df.epoch, 100 * df.test_acc, label=f"test (last {100 * df.test_acc.iloc[-1]:.2f}%)")
-    if "ema_test_acc" in df:
-        ax[0, 1].plot(df.epoch, 100 * df.ema_test_acc, label="test, EMA weights")
+    if h.TRAIN_CLEAN_ACC in df:
+        ax[0, 1].plot(df[h.EPOCH], 100 * df[h.TRAIN_CLEAN_ACC], label="train (clean images)")
+    ax[0, 1].plot(df[h.EPOCH], 100 * df[h.TEST_ACC], label=f"test (last {100 * df[h.TEST_ACC].iloc[-1]:.2f}%)")
+    if h.EMA_TEST_ACC in df:
+        ax[0, 1].plot(df[h.EPOCH], 100 * df[h.EMA_TEST_ACC], label="test, EMA weights")
     ax[0, 1].set(title="accuracy (%)")
     for a in ax.flat:
         a.legend()
@@ -180,7 +185,7 @@ def plot_groups(curves: dict[str, list[str | Path]], out_path: str | Path, title
     fig, ax = _figure(1, 1, (8, 4.8))
     a = ax[0, 0]
     for label, paths in curves.items():
-        frames = [pd.read_csv(p).set_index("epoch")["test_acc"] for p in paths]
+        frames = [pd.read_csv(p).set_index(h.EPOCH)[h.TEST_ACC] for p in paths]
         table = pd.concat(frames, axis=1, join="inner") * 100
         mean = table.mean(axis=1)
         a.plot(table.index, mean, label=f"{label} (n={len(frames)}, last {mean.iloc[-1]:.2f}%)")

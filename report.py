@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from runs import history as h
 from runs.history import read_csv
 
 LAST_EPOCHS = 5  # a run is scored by the mean test accuracy of its last epochs (less noisy than the best)
@@ -17,24 +18,23 @@ def summarize_run(csv_path: str | Path) -> dict:
     rows = read_csv(csv_path)
     if not rows:
         return {"epochs": 0}
-    seconds = sum(float(r.get(k) or 0) for r in rows for k in ("train_seconds", "eval_seconds", "checkpoint_seconds"))
-    summary = {"epochs": int(rows[-1]["epoch"])}
-    for prefix in ("", "ema_") if rows[-1].get("ema_test_acc") else ("",):
-        accs = [100 * float(r[f"{prefix}test_acc"] or "nan") for r in rows]
+    seconds = sum(float(r.get(k) or 0) for r in rows for k in h.TIME_COLUMNS[:3])
+    summary = {"epochs": int(rows[-1][h.EPOCH])}
+    for prefix in ("", h.EMA) if rows[-1].get(h.EMA_TEST_ACC) else ("",):
+        accs = [100 * float(r[prefix + h.TEST_ACC] or "nan") for r in rows]
         best = max(range(len(rows)), key=lambda i: -math.inf if math.isnan(accs[i]) else accs[i])
         last = accs[-LAST_EPOCHS:]
         summary.update(
             {
                 f"{prefix}final_acc": accs[-1],
                 f"{prefix}best_acc": accs[best],
-                f"{prefix}best_epoch": int(rows[best]["epoch"]),
+                f"{prefix}best_epoch": int(rows[best][h.EPOCH]),
                 f"{prefix}last5_acc": sum(last) / len(last),
             }
         )
     summary["minutes"] = seconds / 60
-    summary["train_clean_acc"] = (
-        100 * float(rows[-1]["train_clean_acc"]) if rows[-1].get("train_clean_acc") else math.nan
-    )
+    clean = rows[-1].get(h.TRAIN_CLEAN_ACC)
+    summary["train_clean_acc"] = 100 * float(clean) if clean else math.nan
     return summary
 
 

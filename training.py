@@ -33,13 +33,13 @@ from data import CLASSES, CifarTensors, DeviceLoader, Mixup, normalize
 from evaluation import Evaluator
 from models import ViT, alphas, count_parameters, gains, scale_mimetic_to_inputs_
 from recipe import EMA, amp_dtype, build_augment, build_model, build_optimizer, cpu_has_native_bf16, lr_at, warmup_steps
+from runs import history
 from runs.checkpoints import CHECKPOINT_FORMAT, ConfigMismatchError, best_summary, checkpoint_kind, snapshot
 from runs.console import CPU_ESTIMATE_STEPS, Console, live_curves, status_line
 from runs.files import RunFiles
 from step import CompiledStep, attention_backend, compile_modes, synced_time
 
 RESEED_STRIDE = 1_000_003  # loader seed after a device-type change: seed * stride + epoch
-TIME_COLUMNS = ("train_seconds", "eval_seconds", "checkpoint_seconds", "compile_seconds", "images_per_second")
 MIMETIC_IMAGES = 256  # training images (unaugmented) that size mimetic init under DyT
 
 
@@ -376,9 +376,9 @@ class Trainer:
         if bad >= 0 or not math.isfinite(train_loss) or not finite:
             self._diverged(bad, train_loss)
         return {
-            "lr": float(self.lr),
-            "train_loss": train_loss,
-            "train_acc": train_acc,
+            history.LR: float(self.lr),
+            history.TRAIN_LOSS: train_loss,
+            history.TRAIN_ACC: train_acc,
             "train_seconds": seconds,
             "compile_seconds": compiling,
             "images_per_second": seen / seconds,
@@ -464,9 +464,9 @@ class Trainer:
 
     def _update_best(self, stats: dict) -> bool:
         """Keep the better of the raw and EMA weights' test accuracy as best, if it beats the best so far."""
-        candidates = [(stats["test_acc"], "raw")]
+        candidates = [(stats[history.TEST_ACC], "raw")]
         if self.ema is not None:
-            candidates.append((stats["ema_test_acc"], "ema"))
+            candidates.append((stats[history.EMA_TEST_ACC], "ema"))
         acc, source = max(candidates)
         if acc <= self.best_acc:
             return False
@@ -489,17 +489,13 @@ class Trainer:
 
     def csv_columns(self) -> list[str]:
         """The CSV's columns for this config, in order."""
-        columns = ["epoch", "lr", "train_loss", "train_acc"]
-        columns += ["train_clean_acc"] if self.evaluator.clean_train_loader is not None else []
-        columns += ["test_loss", "test_acc"]
-        columns += ["ema_test_loss", "ema_test_acc"] if self.ema is not None else []
-        columns += list(TIME_COLUMNS)
-        return columns + [f"alpha_{n}" for n in alphas(self.model)] + [f"gain_{n}" for n in gains(self.model)]
+        clean, ema = self.evaluator.clean_train_loader is not None, self.ema is not None
+        return history.columns(clean, ema, list(alphas(self.model)), list(gains(self.model)))
 
     def _csv_row(self, stats: dict) -> dict:
-        values = {**stats, "epoch": self.epoch}
-        values.update({f"alpha_{n}": v for n, v in alphas(self.model).items()})
-        values.update({f"gain_{n}": v for n, v in gains(self.model).items()})
+        values = {**stats, history.EPOCH: self.epoch}
+        values.update({history.ALPHA + n: v for n, v in alphas(self.model).items()})
+        values.update({history.GAIN + n: v for n, v in gains(self.model).items()})
         return {c: values[c] for c in self.columns}
 
     def best_model(self) -> tuple[ViT, dict]:

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import torch
 
 import utils
+from runs import history as h
 
 MODES = ("bars", "lines", "off")  # progress bars and lines / a line per epoch (headless) / nothing on screen
 PROGRESS_EVERY = 50  # steps between progress-bar updates: the only host syncs inside an epoch
@@ -83,14 +84,14 @@ class Console:
 
     def epoch_line(self, epoch: int, epochs: int, stats: dict, best_acc: float, best_epoch: int) -> None:
         """One line per epoch: losses, accuracies, seconds, and the time left for the run."""
-        clean = f" clean {100 * stats['train_clean_acc']:.1f}%" if "train_clean_acc" in stats else ""
-        ema = f" ema {100 * stats['ema_test_acc']:.2f}%" if "ema_test_acc" in stats else ""
+        clean = f" clean {100 * stats[h.TRAIN_CLEAN_ACC]:.1f}%" if h.TRAIN_CLEAN_ACC in stats else ""
+        ema = f" ema {100 * stats[h.EMA_TEST_ACC]:.2f}%" if h.EMA_TEST_ACC in stats else ""
         seconds = stats["train_seconds"] + stats["eval_seconds"] + stats["checkpoint_seconds"]
         compiling = f" (+{stats['compile_seconds']:.0f}s compiling)" if stats["compile_seconds"] >= 0.5 else ""
         self.say(
-            f"epoch {epoch:4d}/{epochs} lr {stats['lr']:.2e} | train loss {stats['train_loss']:.4f} "
-            f"acc {100 * stats['train_acc']:.1f}%{clean} | test loss {stats['test_loss']:.4f} acc "
-            f"{100 * stats['test_acc']:.2f}%{ema} (best {100 * best_acc:.2f}% @ {best_epoch}) | "
+            f"epoch {epoch:4d}/{epochs} lr {stats[h.LR]:.2e} | train loss {stats[h.TRAIN_LOSS]:.4f} "
+            f"acc {100 * stats[h.TRAIN_ACC]:.1f}%{clean} | test loss {stats[h.TEST_LOSS]:.4f} acc "
+            f"{100 * stats[h.TEST_ACC]:.2f}%{ema} (best {100 * best_acc:.2f}% @ {best_epoch}) | "
             f"{seconds:.1f}s{compiling} | left ~{self.time_left(epochs - epoch)}"
         )
 

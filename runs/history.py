@@ -8,6 +8,25 @@ from pathlib import Path
 
 from runs.atomic import atomic_write
 
+# The CSV's columns, named once: every writer and reader of a run's history spells them from here.
+EPOCH = "epoch"
+LR = "lr"  # the learning rate at the end of the epoch
+TRAIN_LOSS, TRAIN_ACC = "train_loss", "train_acc"  # on the augmented (and mixed) training batches
+TRAIN_CLEAN_ACC = "train_clean_acc"  # unaugmented training images (clean_train_images of them)
+TEST_LOSS, TEST_ACC = "test_loss", "test_acc"
+EMA = "ema_"  # prefix of the EMA weights' test scores: ema_test_loss, ema_test_acc
+EMA_TEST_LOSS, EMA_TEST_ACC = EMA + TEST_LOSS, EMA + TEST_ACC
+TIME_COLUMNS = ("train_seconds", "eval_seconds", "checkpoint_seconds", "compile_seconds", "images_per_second")
+ALPHA, GAIN = "alpha_", "gain_"  # prefixes of the per-layer columns: DyT's alpha, each norm's gain
+
+
+def columns(clean: bool, ema: bool, alpha_layers: list[str], gain_layers: list[str]) -> list[str]:
+    """A run's CSV columns, in order: with ``clean`` training accuracy, with ``ema`` scores, and one
+    alpha and one gain column per named layer."""
+    names = [EPOCH, LR, TRAIN_LOSS, TRAIN_ACC] + ([TRAIN_CLEAN_ACC] if clean else []) + [TEST_LOSS, TEST_ACC]
+    names += [EMA_TEST_LOSS, EMA_TEST_ACC] if ema else []
+    return names + list(TIME_COLUMNS) + [ALPHA + n for n in alpha_layers] + [GAIN + n for n in gain_layers]
+
 
 def read_csv(path: str | Path) -> list[dict]:
     with open(path, newline="") as f:
@@ -43,7 +62,7 @@ def append_csv(path: str | Path, row: dict) -> None:
 
 
 def _header_is_sound(fields: list[str]) -> bool:
-    return bool(fields) and fields[0] == "epoch" and all(f and f.isprintable() for f in fields)
+    return bool(fields) and fields[0] == EPOCH and all(f and f.isprintable() for f in fields)
 
 
 def repair_csv(path: str | Path, last_epoch: int, columns: list[str]) -> tuple[int, int, bool]:

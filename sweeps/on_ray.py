@@ -20,6 +20,7 @@ from typing import Optional
 
 from config import Config
 from data import ensure_cifar10
+from runs import history
 from sweeps import runs as sweep_runs
 
 ROOT = Path(__file__).resolve().parent.parent  # the project, shipped to the workers
@@ -27,7 +28,7 @@ REQUIREMENTS = "requirements-cluster.txt"
 STOPPED = "stopped early"
 # Not shipped to the cluster's workers with the code: environments, data, outputs, caches.
 EXCLUDES = [".venv/", ".git/", "data/", "checkpoint/", "log/", "plots/", ".cifar/", "*.pth", "__pycache__/"]
-METRICS = ("test_acc", "test_loss", "train_loss", "ema_test_acc")
+METRICS = (history.TEST_ACC, history.TEST_LOSS, history.TRAIN_LOSS, history.EMA_TEST_ACC)
 
 
 def import_ray():
@@ -61,7 +62,7 @@ def trial(config: dict) -> None:
     from ray import tune
 
     def report(row: dict) -> None:
-        tune.report({"epoch": row["epoch"], **{k: row[k] for k in METRICS if k in row}})
+        tune.report({history.EPOCH: row[history.EPOCH], **{k: row[k] for k in METRICS if k in row}})
 
     sweep_runs.train_run(config["run"], on_epoch=report)
 
@@ -108,8 +109,8 @@ def run_ray_sweep(
 
             max_t = max_epochs or longest
             asha = ASHAScheduler(
-                time_attr="epoch",
-                metric="test_acc",
+                time_attr=history.EPOCH,
+                metric=history.TEST_ACC,
                 mode="max",
                 max_t=max_t,
                 grace_period=grace_epochs or max(1, max_t // 4),
