@@ -3,14 +3,13 @@
 ``Config`` is validated once, when it is built (a bad value raises ``ValueError`` naming the field);
 everything downstream trusts it. It is saved inside every checkpoint and next to the logs, and
 ``from_dict`` / ``to_dict`` round-trip it. ``overrides`` (the notebook's and the sweep's way to set
-any field) and ``norm_layer`` (the one place a norm name becomes a layer) live here too.
+any field) live here too. It imports no model code: recipe.py turns the config into a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import json
 import math
 import re
@@ -19,9 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from torch import nn
-
-from models.dyt import DynamicTanh
 
 IMAGE_SIDE = 32  # CIFAR-10 images are 32x32
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeding both accept it; the loader derives seeds from it
@@ -147,12 +143,12 @@ class Config:
     lr: float = _field(1e-3, number(lambda v: v > 0, "> 0"))  # peak learning rate after warmup (AdamW)
     min_lr: float = _field(1e-5, number(lambda v: v >= 0, ">= 0"))  # learning rate at the end of the cosine
     weight_decay: float = _field(0.05, number(lambda v: v >= 0, ">= 0"))  # decoupled, on weight matrices only
-    warmup_epochs: float = _field(10.0, number(lambda v: v >= 0, ">= 0"))  # linear warmup (capped: training.py)
+    warmup_epochs: float = _field(10.0, number(lambda v: v >= 0, ">= 0"))  # linear warmup (capped: recipe.warmup_steps)
     ema_decay: float = _field(0.0, number(lambda v: 0 <= v < 1, "in [0, 1) (0: off)"))  # EMA of weights per step
     grad_clip: float = _field(1.0, number(lambda v: v >= 0, ">= 0 (0: off)"))  # max global gradient norm
     amp: str = _field(
         "auto", one_of("auto", "bf16", "fp16", "off"), resumable=True
-    )  # autocast dtype; "auto": see training.py
+    )  # autocast dtype; "auto": see recipe.amp_dtype
     compile: Optional[bool] = _field(
         None, optional_boolean, resumable=True
     )  # torch.compile; None: on for CUDA, off elsewhere
@@ -232,13 +228,6 @@ def with_overrides(base: Config | dict, overrides: dict | str | None) -> Config:
     values = base.to_dict() if isinstance(base, Config) else dict(base)
     values.update(parse_overrides(overrides))
     return Config.from_dict(values)
-
-
-def norm_layer(cfg: Config) -> Callable[[int], nn.Module]:
-    """The norm the config names, as the layer factory ``ViT(norm_layer=...)`` takes."""
-    if cfg.norm == "dyt":
-        return functools.partial(DynamicTanh, alpha_init=cfg.alpha_init)
-    return nn.LayerNorm
 
 
 # Fields that may differ between a checkpoint and the current config (``_field(..., resumable=True)``).

@@ -1,25 +1,37 @@
-"""What a run is built from its config: the model, the data, the augmentation, the optimizer, the
-learning-rate schedule, the EMA of the weights and the autocast dtype. The ``Trainer`` (training.py)
-puts them together."""
+"""What a run is built from: ``build_run(cfg, data)`` makes, from the config and the data, everything one
+run trains with (the model with its norm and init, the EMA of its weights, the optimizer and its
+on-device learning rate, the schedule, the gradient scaler and autocast dtype, the augmentation, the
+training loader and Mixup) and returns it as one ``RunParts``, which the ``Trainer`` (training.py) holds.
+``norm_layer`` is the one place a norm name becomes a layer."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 import utils
-from config import Config, norm_layer
-from data import CLASSES, CifarTensors, TrainAugment, load_cifar10
-from models import ViT
+from config import Config
+from data import CLASSES, CifarTensors, DeviceLoader, Mixup, TrainAugment, load_cifar10, normalize
+from models import DynamicTanh, ViT, scale_mimetic_to_inputs_
 from randomaug import RandAugment
 
 MAX_WARMUP_FRACTION = 0.1  # warmup never takes more than this share of the run (short runs still learn)
 EMA_WARMUP = 10  # EMA decay ramps as (1 + n) / (EMA_WARMUP + n) over the first updates
+MIMETIC_IMAGES = 256  # training images (unaugmented) that size mimetic init under DyT
+
+
+def norm_layer(cfg: Config) -> Callable[[int], nn.Module]:
+    """The norm the config names, as the layer factory ``ViT(norm_layer=...)`` takes."""
+    if cfg.norm == "dyt":
+        return functools.partial(DynamicTanh, alpha_init=cfg.alpha_init)
+    return nn.LayerNorm
 
 
 def build_model(cfg: Config) -> ViT:
@@ -134,3 +146,75 @@ class EMA:
     def update(self, updates: int) -> None:
         decay = min(self.decay, (1 + updates) / (EMA_WARMUP + updates))
         torch._foreach_lerp_(self._ema, self._live, 1.0 - decay)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate as a pure function of the global step (``lr_at``): ``warmup_steps`` of linear
+    warmup to ``peak``, then a cosine to ``floor`` at ``total_steps``."""
+
+    peak: float
+    floor: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, cfg: Config, steps_per_epoch: int) -> Schedule:
+        total = cfg.epochs * steps_per_epoch
+        return cls(cfg.lr, cfg.min_lr, steps_per_epoch, total, warmup_steps(cfg, steps_per_epoch))
+
+    def at(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.warmup_steps, self.peak, self.floor)
+
+
+@dataclass
+class RunParts:
+    """Everything one run trains with, as ``build_run`` makes it from the config and the data."""
+
+    model: ViT
+    ema: Optional[EMA]  # None when ema_decay is 0
+    optimizer: torch.optim.AdamW
+    lr: torch.Tensor  # the learning rate on the device, every param group's; filled from ``schedule`` each step
+    schedule: Schedule
+    scaler: torch.amp.GradScaler  # enabled for fp16 autocast only
+    amp_dtype: Optional[torch.dtype]  # autocast dtype; None: float32
+    augment: TrainAugment
+    train_loader: DeviceLoader
+    mixup: Mixup
+
+
+def build_run(cfg: Config, data: CifarTensors, compile: bool = False) -> RunParts:
+    """A run's parts as a fresh run starts them, seeded from ``cfg.seed`` (the same config and data give
+    bitwise the same parts). ``compile``: the augmentation is compiled too (with the training step)."""
+    device = data.x_train.device
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device)
+    if cfg.attn_init == "mimetic" and cfg.norm == "dyt":  # deterministic: draws no random numbers
+        scale_mimetic_to_inputs_(model, normalize(data.x_train[:MIMETIC_IMAGES]))
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    optimizer = build_optimizer(model, cfg, device)
+    # The learning rate lives on the device; each step fills it from the schedule with a kernel (no copy,
+    # no sync), so a compiled or captured optimizer step reads it instead of baking in a constant.
+    # float64 on the CPU gives bit-identical steps to a Python-float lr (tests/test_step.py).
+    lr = torch.full((), cfg.lr, dtype=torch.float64 if device.type == "cpu" else torch.float32).to(device)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    dtype = amp_dtype(cfg, device)
+    augment = build_augment(cfg, compile=compile)
+    loader = DeviceLoader(data.x_train, data.y_train, cfg.batch_size, train=True, augment=augment, seed=cfg.seed)
+    mixup = Mixup(
+        cfg.mixup_alpha, cfg.cutmix_alpha, label_smoothing=cfg.label_smoothing, num_classes=len(CLASSES), seed=cfg.seed
+    )
+    return RunParts(
+        model=model,
+        ema=ema,
+        optimizer=optimizer,
+        lr=lr,
+        schedule=Schedule.of(cfg, len(data.x_train) // cfg.batch_size),
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        amp_dtype=dtype,
+        augment=augment,
+        train_loader=loader,
+        mixup=mixup,
+    )

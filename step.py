@@ -9,7 +9,9 @@ return values (``StepResult``, ``EvalModels``): the caller decides what to say a
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -41,6 +43,48 @@ def compile_modes(
     tuned = use_compile and device.type == "cuda" and autotune
     first = ["max-autotune" if graphs else "max-autotune-no-cudagraphs"] if tuned else []
     return first + (["reduce-overhead"] if graphs else []) + (["default"] if use_compile else [])
+
+
+def configure_process(device: torch.device, compile_cache: Optional[Path]) -> None:
+    """The process-wide settings a training run makes, all here: Inductor's kernel cache in
+    ``compile_cache`` (None: left as it is), so a second process of the same shapes starts in seconds;
+    and on CUDA, TF32 for the few float32 matmuls (the loss, the head under fp16). They affect every
+    later compile and matmul of this process, not only this run's."""
+    if compile_cache is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(compile_cache).resolve())
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def compile_notes(cfg, modes: list[str], device: torch.device) -> list[str]:
+    """What to say when a compile setting of ``cfg`` cannot act with these ``modes`` on ``device``."""
+    notes = []
+    if cfg.autotune and not any(m.startswith("max-autotune") for m in modes):
+        notes.append("autotune=True has no effect here: it needs torch.compile on a CUDA device")
+    if cfg.cuda_graphs and "reduce-overhead" not in modes:
+        notes.append(
+            f"cuda_graphs=True has no effect here: CUDA graphs need torch.compile on a CUDA device, and "
+            f"this run {'is compiled without them' if modes else 'runs eagerly'} on {device}"
+        )
+    return notes
+
+
+class CompileClock:
+    """The one account of the seconds a session spends compiling (and recording CUDA graphs), whatever
+    compiled: the training step's proof steps, the augmentation's first batch, the first evaluation of
+    compiled models. An epoch's training and evaluation seconds leave it out; the CSV's
+    ``compile_seconds`` is its growth over the epoch."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def charge(self, seconds: float) -> None:
+        self.seconds += seconds
+
+    def since(self, mark: float) -> float:
+        """Seconds charged since ``seconds`` was ``mark``."""
+        return self.seconds - mark
 
 
 SDPA_BACKENDS = {

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -29,18 +28,25 @@ import torch
 
 import utils
 from config import NORM_NAMES, Config
-from data import CLASSES, CifarTensors, DeviceLoader, Mixup, normalize
+from data import CifarTensors
 from evaluation import Evaluator
-from models import ViT, alphas, count_parameters, gains, scale_mimetic_to_inputs_
-from recipe import EMA, amp_dtype, build_augment, build_model, build_optimizer, cpu_has_native_bf16, lr_at, warmup_steps
+from models import ViT, alphas, count_parameters, gains
+from recipe import build_model, build_run, cpu_has_native_bf16
 from runs import history
 from runs.checkpoints import CHECKPOINT_FORMAT, ConfigMismatchError, best_summary, checkpoint_kind, snapshot
 from runs.console import CPU_ESTIMATE_STEPS, Console, live_curves, status_line
 from runs.files import RunFiles
-from step import CompiledStep, attention_backend, compile_modes, synced_time
+from step import (
+    CompileClock,
+    CompiledStep,
+    attention_backend,
+    compile_modes,
+    compile_notes,
+    configure_process,
+    synced_time,
+)
 
 RESEED_STRIDE = 1_000_003  # loader seed after a device-type change: seed * stride + epoch
-MIMETIC_IMAGES = 256  # training images (unaugmented) that size mimetic init under DyT
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -107,71 +113,41 @@ class Trainer:
         self.files = RunFiles(cfg)
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self._compile_modes = compile_modes(use_compile, self.device, cfg.cuda_graphs, cfg.autotune)
-        if self._compile_modes and cfg.compile_cache:  # a second process of the same shapes starts in seconds
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.paths.compile_cache.resolve())
-        self.compile_seconds = 0.0  # spent compiling (and recording CUDA graphs) in this session
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # the few float32 matmuls (loss, head under fp16)
-            torch.backends.cudnn.allow_tf32 = True
-        self.amp_dtype = amp_dtype(cfg, self.device)
-        self.steps_per_epoch = len(data.x_train) // cfg.batch_size
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.warmup_steps = warmup_steps(cfg, self.steps_per_epoch)
-        live = live_curves(progress, self.paths.figure("live"), f"{cfg.name}: live")
-        self.console = Console(progress, self.files.log, live)
-        self.evaluator = Evaluator(data, cfg.eval_batch_size, cfg.clean_train_images, self.amp_dtype)
+        configure_process(self.device, self.paths.compile_cache if self._compile_modes and cfg.compile_cache else None)
+        self.compile_clock = CompileClock()  # compiling (and recording CUDA graphs) in this session
         self._interrupted = False  # an epoch started and did not finish: memory is not a checkpoint
         self._cpu_estimate_due = self.device.type == "cpu"
         self._build_state()
+        self.amp_dtype = self.parts.amp_dtype
+        schedule = self.parts.schedule
+        self.steps_per_epoch, self.total_steps, self.warmup_steps = (
+            schedule.steps_per_epoch,
+            schedule.total_steps,
+            schedule.warmup_steps,
+        )
+        live = live_curves(progress, self.paths.figure("live"), f"{cfg.name}: live")
+        self.console = Console(progress, self.files.log, live)
+        self.evaluator = Evaluator(data, cfg.eval_batch_size, cfg.clean_train_images, self.amp_dtype)
         self.columns = self.csv_columns()  # read once: the model's layers never change
         self.console.hardware_warnings(self.device, self.amp_dtype, cpu_has_native_bf16())
-        if cfg.autotune and not any(m.startswith("max-autotune") for m in self._compile_modes):
-            self.console.say("note: autotune=True has no effect here: it needs torch.compile on a CUDA device")
-        if cfg.cuda_graphs and "reduce-overhead" not in self._compile_modes:
-            self.console.say(
-                f"note: cuda_graphs=True has no effect here: CUDA graphs need torch.compile on a CUDA device, and "
-                f"this run {'is compiled without them' if self._compile_modes else 'runs eagerly'} on {self.device}"
-            )
+        for note in compile_notes(cfg, self._compile_modes, self.device):
+            self.console.say(f"note: {note}")
 
     def _build_state(self) -> None:
-        """Model, optimizer, EMA, compiled step, loaders and counters as a fresh run starts them (seeded)."""
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg).to(self.device)
-        if cfg.attn_init == "mimetic" and cfg.norm == "dyt":  # deterministic: draws no random numbers
-            scale_mimetic_to_inputs_(self.model, normalize(self.data.x_train[:MIMETIC_IMAGES]))
-        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.optimizer = build_optimizer(self.model, cfg, self.device)
-        # The learning rate lives on the device; each step fills it from lr_at() with a kernel (no copy,
-        # no sync), so a compiled or captured optimizer step reads it instead of baking in a constant.
-        # float64 on the CPU gives bit-identical steps to a Python-float lr (tests/test_step.py).
-        self.lr = torch.full((), cfg.lr, dtype=torch.float64 if self.device.type == "cpu" else torch.float32)
-        self.lr = self.lr.to(self.device)
-        for g in self.optimizer.param_groups:
-            g["lr"] = self.lr
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        """The run's parts (recipe.build_run), compiled step and counters as a fresh run starts them."""
+        self.parts = p = build_run(self.cfg, self.data, compile=bool(self._compile_modes))
+        self.model, self.ema, self.optimizer, self.lr, self.scaler = p.model, p.ema, p.optimizer, p.lr, p.scaler
+        self.augment, self.train_loader, self.mixup = p.augment, p.train_loader, p.mixup
         self.compiled_step = CompiledStep(
             self.model,
             self.optimizer,
             self.scaler,
-            cfg.grad_clip,
-            self.amp_dtype,
+            self.cfg.grad_clip,
+            p.amp_dtype,
             self._compile_modes,
             self.ema.module if self.ema is not None else None,
         )
-        self.augment = build_augment(cfg, compile=bool(self._compile_modes))
         self._augment_compiled = False
-        d = self.data
-        self.train_loader = DeviceLoader(
-            d.x_train, d.y_train, cfg.batch_size, train=True, augment=self.augment, seed=cfg.seed
-        )
-        self.mixup = Mixup(
-            cfg.mixup_alpha,
-            cfg.cutmix_alpha,
-            label_smoothing=cfg.label_smoothing,
-            num_classes=len(CLASSES),
-            seed=cfg.seed,
-        )
         self.epoch = 0  # completed epochs
         self.step = 0  # completed optimizer steps
         self.best_acc = 0.0
@@ -184,6 +160,11 @@ class Trainer:
     def paths(self):
         """Where this run's files are (``run_files.RunPaths``)."""
         return self.files.paths
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling in this session (``step.CompileClock``)."""
+        return self.compile_clock.seconds
 
     @property
     def compile_mode(self) -> Optional[str]:
@@ -324,9 +305,9 @@ class Trainer:
     def train_step(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a prepared batch (soft targets) and the EMA update; returns the loss
         and the number of correct predictions, as device tensors (unsynced)."""
-        self._set_lr(lr_at(self.step, self.total_steps, self.warmup_steps, self.cfg.lr, self.cfg.min_lr))
+        self._set_lr(self.parts.schedule.at(self.step))
         out = self.compiled_step(x, targets)
-        self.compile_seconds += out.compile_seconds
+        self.compile_clock.charge(out.compile_seconds)
         if out.note:  # a compile mode failed: the next one took over (kept if the state is rebuilt)
             self._compile_modes = self.compiled_step.modes
             self.console.say(f"note: {out.note}")
@@ -342,7 +323,7 @@ class Trainer:
         """One pass over the training set; metrics stay on the device (no per-step sync). Raises
         ``DivergenceError`` if the loss or the weights are no longer finite."""
         self.model.train()
-        compiling_before = self.compile_seconds
+        compiling_before = self.compile_clock.seconds
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -352,7 +333,7 @@ class Trainer:
         for i, (x, y) in enumerate(self.train_loader):
             if i == 0 and self._augment_compiling():  # the first batch compiles the augmentation
                 self._augment_compiled = True
-                self.compile_seconds += synced_time(self.device) - fetched
+                self.compile_clock.charge(synced_time(self.device) - fetched)
             x, targets = self.mixup(x, y)
             loss, step_correct = self.train_step(x, targets)
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), self.step, first_bad_step)
@@ -361,7 +342,7 @@ class Trainer:
             correct += step_correct
             if self._cpu_estimate_due and i + 1 == min(CPU_ESTIMATE_STEPS, self.steps_per_epoch):
                 self._cpu_estimate_due = False
-                elapsed = time.perf_counter() - start - (self.compile_seconds - compiling_before)
+                elapsed = time.perf_counter() - start - self.compile_clock.since(compiling_before)
                 self.console.cpu_estimate(elapsed / (i + 1), self.steps_per_epoch, self.cfg.epochs - self.epoch)
             if bar is not None:
                 bar.update(i, loss_sum, correct, seen)
@@ -369,7 +350,7 @@ class Trainer:
         train_loss, train_acc, bad, finite = (
             v.item() for v in (loss_sum / seen, correct / seen, first_bad_step, weights_finite)
         )
-        compiling = self.compile_seconds - compiling_before
+        compiling = self.compile_clock.since(compiling_before)
         seconds = time.perf_counter() - start - compiling
         if bar is not None:
             bar.close()
@@ -459,7 +440,7 @@ class Trainer:
         stats = self.evaluate()
         seconds = time.perf_counter() - start
         if compiling:
-            self.compile_seconds += seconds
+            self.compile_clock.charge(seconds)
         return {**stats, "eval_seconds": 0.0 if compiling else seconds, "eval_compile_seconds": seconds * compiling}
 
     def _update_best(self, stats: dict) -> bool:

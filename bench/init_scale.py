@@ -18,8 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import Config  # noqa: E402
 from data import load_cifar10, normalize  # noqa: E402
 from models import diagonal_attention_mass, scale_mimetic_to_inputs_  # noqa: E402
-from recipe import build_model  # noqa: E402
-from training import MIMETIC_IMAGES  # noqa: E402
+from recipe import (
+    MIMETIC_IMAGES,  # noqa: E402
+    build_model,  # noqa: E402
+)
 
 
 def main(argv=None) -> None:

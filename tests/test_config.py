@@ -1,15 +1,12 @@
 """The config: every field's rule, overrides from the notebook, the one norm-name-to-layer mapping."""
 
 import dataclasses
-import functools
 import json
 
 import pytest
 import torch
-from torch import nn
 
-from config import Config, config_differences, norm_layer, parse_overrides, with_overrides
-from models import DynamicTanh
+from config import Config, config_differences, parse_overrides, with_overrides
 
 BAD_VALUES = {
     "epochs": 0,
@@ -120,14 +117,6 @@ def test_values_that_used_to_fail_later_are_refused_at_config(field, value):
 
 def test_good_edge_values_are_accepted():
     assert Config(seed=2**32 - 1, crop_padding=16, run_name="sweep_norm=ln_seed-1.v2", device="cpu").seed == 2**32 - 1
-
-
-def test_norm_layer_is_the_one_mapping_from_names_to_layers():
-    dyt = norm_layer(Config(norm="dyt", alpha_init=0.3))
-    assert isinstance(dyt, functools.partial) and dyt.func is DynamicTanh
-    layer = dyt(8)
-    assert isinstance(layer, DynamicTanh) and layer.alpha.item() == pytest.approx(0.3)
-    assert norm_layer(Config(norm="ln")) is nn.LayerNorm
 
 
 def test_overrides_from_a_dict_or_json_reach_the_config():
