@@ -33,7 +33,7 @@ from evaluation import Evaluator
 from models import ViT, alphas, count_parameters, gains
 from recipe import build_model, build_run, cpu_has_native_bf16
 from runs import history
-from runs.checkpoints import CHECKPOINT_FORMAT, ConfigMismatchError, best_summary, checkpoint_kind, snapshot
+from runs.checkpoints import CHECKPOINT_FORMAT, BestRecord, ConfigMismatchError, best_summary, best_weights, snapshot
 from runs.console import CPU_ESTIMATE_STEPS, Console, live_curves, status_line
 from runs.files import RunFiles
 from step import (
@@ -128,6 +128,7 @@ class Trainer:
         live = live_curves(progress, self.paths.figure("live"), f"{cfg.name}: live")
         self.console = Console(progress, self.files.log, live)
         self.evaluator = Evaluator(data, cfg.eval_batch_size, cfg.clean_train_images, self.amp_dtype)
+        self.files.test_images = len(data.x_test)  # best epochs compared in whole images
         self.columns = self.csv_columns()  # read once: the model's layers never change
         self.console.hardware_warnings(self.device, self.amp_dtype, cpu_has_native_bf16())
         for note in compile_notes(cfg, self._compile_modes, self.device):
@@ -150,9 +151,7 @@ class Trainer:
         self._augment_compiled = False
         self.epoch = 0  # completed epochs
         self.step = 0  # completed optimizer steps
-        self.best_acc = 0.0
-        self.best_epoch = 0
-        self.best_source = "raw"  # which weights scored best_acc: "raw" or "ema"
+        self.files.best = BestRecord()
 
     # --- state -------------------------------------------------------------------------------
 
@@ -160,6 +159,11 @@ class Trainer:
     def paths(self):
         """Where this run's files are (``run_files.RunPaths``)."""
         return self.files.paths
+
+    @property
+    def best(self) -> BestRecord:
+        """The run's best epoch so far: accuracy, epoch and weights (kept by ``RunFiles``)."""
+        return self.files.best
 
     @property
     def compile_seconds(self) -> float:
@@ -184,9 +188,9 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
-            "best_acc": self.best_acc,
-            "best_epoch": self.best_epoch,
-            "best_source": self.best_source,
+            "best_acc": self.best.acc,
+            "best_epoch": self.best.epoch,
+            "best_source": self.best.source,
             "rng": {
                 "device_type": self.device.type,
                 "torch": torch.get_rng_state(),
@@ -210,8 +214,7 @@ class Trainer:
         if self.scaler.is_enabled() and state["scaler"]:  # an amp change (bf16 <-> fp16) starts a fresh scaler
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        self.best_acc, self.best_epoch = float(state["best_acc"]), int(state["best_epoch"])
-        self.best_source = state.get("best_source", state.get("best_weights", "raw"))
+        self.files.best = best_summary(state)
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         self.mixup.load_state_dict(rng["mixup"])
@@ -258,10 +261,7 @@ class Trainer:
                 f"gives {self.steps_per_epoch} steps per epoch (different dataset size?)"
             )
         notes.append(self.load_state_dict(state))
-        better, note = self.files.better_best(self.best_acc)  # an older latest put back by hand
-        if better is not None:
-            self.best_acc, self.best_epoch, self.best_source = better
-        notes.append(note)
+        notes.append(self.files.restore_best(state))  # the best file made to agree with it (crash, or by hand)
         notes += self.files.repair_csv(self.epoch, self.columns)
         saved_epochs = state["config"]["epochs"]
         if saved_epochs != self.cfg.epochs:
@@ -277,7 +277,7 @@ class Trainer:
         self._interrupted = False  # only now: the restore is complete
         self._start_session(
             f"resumed from {self.paths.latest} at epoch {self.epoch}/{self.cfg.epochs} (best test acc "
-            f"{100 * self.best_acc:.2f}% at epoch {self.best_epoch})",
+            f"{100 * self.best.acc:.2f}% at epoch {self.best.epoch})",
             notes,
         )
         return self.epoch
@@ -295,7 +295,7 @@ class Trainer:
 
     def status(self) -> str:
         """One line on where the run stands."""
-        return status_line(self.epoch, self.cfg.epochs, self.best_acc, self.best_epoch, self.best_source)
+        return status_line(self.epoch, self.cfg.epochs, *self.best)
 
     # --- one epoch -----------------------------------------------------------------------------
 
@@ -417,7 +417,7 @@ class Trainer:
             saved = self.epoch if self.paths.latest.exists() else None
             raise TrainingInterrupted(epoch, self.step, self.paths.latest, saved) from None
         self.console.epoch_seconds.append(time.perf_counter() - wall - stats["compile_seconds"])
-        self.console.epoch_line(self.epoch, self.cfg.epochs, stats, self.best_acc, self.best_epoch)
+        self.console.epoch_line(self.epoch, self.cfg.epochs, stats, self.best.acc, self.best.epoch)
         self.console.epoch_done(self.device, stats, self.cfg.epochs - self.epoch, self.paths.csv)
         self._interrupted = False
         return row
@@ -445,14 +445,8 @@ class Trainer:
 
     def _update_best(self, stats: dict) -> bool:
         """Keep the better of the raw and EMA weights' test accuracy as best, if it beats the best so far."""
-        candidates = [(stats[history.TEST_ACC], "raw")]
-        if self.ema is not None:
-            candidates.append((stats[history.EMA_TEST_ACC], "ema"))
-        acc, source = max(candidates)
-        if acc <= self.best_acc:
-            return False
-        self.best_acc, self.best_epoch, self.best_source = acc, self.epoch, source
-        return True
+        scores = [(stats[history.TEST_ACC], "raw")] + ([(stats[history.EMA_TEST_ACC], "ema")] if self.ema else [])
+        return self.files.consider(self.epoch, scores)
 
     def _record(self, stats: dict, improved: bool) -> dict:
         if self.step != self.epoch * self.steps_per_epoch:  # never save a state that resume would refuse
@@ -484,11 +478,10 @@ class Trainer:
         is left alone, so training can continue), and that checkpoint's epoch, accuracy and which
         weights they are (``source``: "raw" or "ema")."""
         state = self.files.read_best()
-        acc, epoch, source = best_summary(state)
         model = build_model(self.cfg).to(self.device)
-        weights = state["ema"] if checkpoint_kind(state) == "latest" and source == "ema" else state["model"]
-        model.load_state_dict(weights)
-        return model.eval(), {"epoch": epoch, "test_acc": acc, "source": source}
+        model.load_state_dict(best_weights(state))
+        best = best_summary(state)
+        return model.eval(), {"epoch": best.epoch, "test_acc": best.acc, "source": best.source}
 
     @property
     def title(self) -> str:

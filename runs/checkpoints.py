@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -165,8 +165,24 @@ def load_checkpoint(path: str | Path, best_path: Optional[str | Path] = None, re
     return state
 
 
-def best_summary(state: dict) -> tuple[float, int, str]:
-    """(test accuracy, epoch, which weights: "raw" or "ema") of a best checkpoint, new or old format."""
+class BestRecord(NamedTuple):
+    """What a run's best epoch scored: its test accuracy, its epoch (0: none yet) and which weights
+    scored it (``"raw"``: the trained weights, ``"ema"``: their moving average)."""
+
+    acc: float = 0.0
+    epoch: int = 0
+    source: str = "raw"
+
+
+def best_summary(state: dict) -> BestRecord:
+    """The best record a checkpoint holds: a latest checkpoint's run-so-far best, or what an old
+    weights-only best file (an earlier version of this project) says of itself."""
     if checkpoint_kind(state) == "weights":
-        return float(state["test_acc"]), int(state["epoch"]), state.get("weights", "raw")
-    return float(state["best_acc"]), int(state["best_epoch"]), state.get("best_source", "raw")
+        return BestRecord(float(state["test_acc"]), int(state["epoch"]), state.get("weights", "raw"))
+    return BestRecord(float(state["best_acc"]), int(state["best_epoch"]), state.get("best_source", "raw"))
+
+
+def best_weights(state: dict) -> dict:
+    """The weights of a best checkpoint that scored its record (the EMA weights where those did)."""
+    ema = checkpoint_kind(state) == "latest" and best_summary(state).source == "ema"
+    return state["ema"] if ema else state["model"]

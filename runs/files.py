@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Optional
 
 from config import Config
-from runs.atomic import atomic_write, temp_files
+from runs.atomic import atomic_copy, atomic_write, temp_files
 from runs.checkpoints import (
+    BestRecord,
     CheckpointError,
     CheckpointWriter,
     ConfigMismatchError,
@@ -144,6 +145,8 @@ class RunFiles:
         self.writer = CheckpointWriter()
         self.opened = False  # the lock is held
         self.session = False  # the log's session line is written: lines go straight to the log
+        self.best = BestRecord()  # the run's best epoch so far (restore_best, consider)
+        self.test_images = 0  # how many test images an accuracy counts (0: compare them as floats)
         self._unlogged: list[str] = []  # lines said before it, written after it
 
     def open(self) -> list[str]:
@@ -171,6 +174,7 @@ class RunFiles:
     def set_aside_earlier(self) -> list[str]:
         """A fresh start: an earlier run's best and CSV are kept under dated names, never overwritten."""
         notes = []
+        self.best = BestRecord()
         for path in (self.paths.csv, self.paths.best):
             if path.exists() and (path != self.paths.csv or path.stat().st_size):
                 notes.append(f"earlier {path.name} moved to {set_aside(path, 'orphaned')}")
@@ -192,9 +196,9 @@ class RunFiles:
         check_same_run(state, self.cfg, self.paths.best)
         return state
 
-    def best_record(self) -> tuple[Optional[tuple[float, int, str]], str]:
-        """(accuracy, epoch, weights) of the best checkpoint (None if there is none), and a note. A best
-        file that is unreadable or of another config is set aside (kept, not overwritten later)."""
+    def best_record(self) -> tuple[Optional[BestRecord], str]:
+        """The best file's record (None if there is none), and a note. A best file that is unreadable
+        or of another config is set aside (kept, not overwritten later)."""
         if not self.paths.best.exists():
             return None, ""
         try:
@@ -203,17 +207,53 @@ class RunFiles:
             aside = set_aside(self.paths.best, "unusable")
             return None, f"the best checkpoint could not be used ({str(e).split('. ')[0]}); moved to {aside}"
 
-    def better_best(self, best_acc: float) -> tuple[Optional[tuple[float, int, str]], str]:
-        """The best file's record when it beats ``best_acc`` (what a latest checkpoint put back by hand
-        remembers), so the best file is replaced only by a better epoch; and a note."""
+    def restore_best(self, latest: dict) -> str:
+        """Set ``best`` on resuming from checkpoint ``latest`` so that it, the best file and the CSV agree,
+        whatever instant a crash came at; returns a note when they did not.
+
+        The latest checkpoint is written first and then copied to the best file, so a crash in between
+        leaves a latest that records itself as the best epoch and a best file of an earlier epoch (or
+        none, or a temp file that ``open`` removed): the copy is made now. A best file that beats
+        latest's record (an older latest put back by hand) stays the best. A record whose weights are
+        nowhere (its epoch is neither the best file's nor latest's) gives way to the best file's."""
+        recorded = best_summary(latest)
         on_disk, note = self.best_record()
-        if on_disk is None or on_disk[0] <= best_acc:
-            return None, note
-        acc, epoch, _ = on_disk
-        return on_disk, (
-            f"{self.paths.best} (epoch {epoch}, {100 * acc:.2f}%) is better than what the latest checkpoint "
-            f"recorded: it stays the best, replaced only by a better epoch"
-        )
+        if on_disk is not None and (on_disk.epoch == recorded.epoch or self.better(on_disk.acc, recorded.acc)):
+            self.best = on_disk
+            if on_disk.epoch != recorded.epoch:
+                note = _join(
+                    note,
+                    f"{self.paths.best} (epoch {on_disk.epoch}, {100 * on_disk.acc:.2f}%) is better than what the "
+                    f"latest checkpoint recorded: it stays the best, replaced only by a better epoch",
+                )
+            return note
+        if recorded.epoch and recorded.epoch == int(latest["epoch"]):  # the copy to best was cut off
+            atomic_copy(self.paths.latest, self.paths.best)
+            self.best = recorded
+            return _join(note, f"made {self.paths.best} from the latest checkpoint (epoch {recorded.epoch}, the best): "
+                         f"its copy had been cut off")  # fmt: skip
+        if recorded.epoch:  # the best epoch's weights are in neither file
+            self.best = on_disk or BestRecord()
+            kept = f"epoch {on_disk.epoch} ({100 * on_disk.acc:.2f}%) stays the best" if on_disk else "none is kept"
+            return _join(note, f"the best checkpoint of epoch {recorded.epoch} is missing, so {kept}; a better epoch "
+                         f"replaces it")  # fmt: skip
+        self.best = recorded
+        return note
+
+    def better(self, acc: float, than: float) -> bool:
+        """Whether accuracy ``acc`` beats ``than`` at the precision accuracies are measured: whole
+        images of ``test_images`` (a float32 and a float64 of one count are a tie)."""
+        n = self.test_images
+        return round(acc * n) > round(than * n) if n else acc > than
+
+    def consider(self, epoch: int, scores: list[tuple[float, str]]) -> bool:
+        """Keep the best of ``scores`` ((accuracy, "raw" or "ema") of epoch ``epoch``) as the run's best
+        when it beats the best so far; returns whether it did (the epoch's checkpoint is then copied to best)."""
+        acc, source = max(scores)
+        if not self.better(acc, self.best.acc):
+            return False
+        self.best = BestRecord(acc, epoch, source)
+        return True
 
     def repair_csv(self, epoch: int, columns: list[str]) -> list[str]:
         past, damaged, rebuilt = repair_csv(self.paths.csv, epoch, columns)
@@ -269,3 +309,7 @@ class RunFiles:
         if final:
             self.writer.wait()
         return note
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)

@@ -192,12 +192,12 @@ def test_ema_and_clean_accuracy_reach_the_csv_and_best_says_which_weights(cifar,
     table = rows(t.paths.csv)
     assert {"ema_test_loss", "ema_test_acc", "train_clean_acc"} <= set(table[0])
     best = max((float(r[c]), r["epoch"]) for r in table for c in ("test_acc", "ema_test_acc"))
-    assert t.best_acc == pytest.approx(best[0])
+    assert t.best.acc == pytest.approx(best[0])
     saved = torch.load(t.paths.best, weights_only=True)
-    assert saved["best_source"] in ("raw", "ema") and saved["best_source"] == t.best_source
+    assert saved["best_source"] in ("raw", "ema") and saved["best_source"] == t.best.source
     model, info = t.best_model()
     acc = t.evaluator.confusion_matrix(model).diag().sum().item() / len(cifar.y_test)
-    assert acc == pytest.approx(info["test_acc"]) and info["source"] == t.best_source
+    assert acc == pytest.approx(info["test_acc"]) and info["source"] == t.best.source
     # Clean accuracy is the model on the first 64 training images, unaugmented.
     logits, labels, _ = t.evaluator.predict(t.model, t.evaluator.clean_train_loader)
     assert len(labels) == 64

@@ -244,7 +244,7 @@ def test_best_copied_over_latest_resumes_from_its_epoch(cifar, tmp_path):
     best = torch.load(t.paths.best, weights_only=True)
     shutil.copy(t.paths.best, t.paths.latest)
     again = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
-    assert again.resume() == best["epoch"] and again.best_acc == best["best_acc"]
+    assert again.resume() == best["epoch"] and again.best.acc == best["best_acc"]
 
 
 def test_a_weights_only_best_of_an_earlier_version_copied_over_latest_gets_a_clear_message(cifar, tmp_path):
@@ -356,7 +356,7 @@ def test_d3_an_older_latest_put_back_by_hand_keeps_the_better_best(cifar, tmp_pa
     best = t.paths.best.read_bytes()
     t.paths.latest.write_bytes(epoch1)  # what the corrupt-checkpoint message suggests: a good older latest
     again = Trainer(tiny(tmp_path), cifar, progress="lines")
-    assert again.resume() == 1 and (again.best_acc, again.best_epoch) == (0.99, 2)
+    assert again.resume() == 1 and (again.best.acc, again.best.epoch) == (0.99, 2)
     train_all(again)
     assert t.paths.best.read_bytes() == best  # no epoch beat 99%: the best file was never replaced
     assert "it stays the best" in t.paths.log.read_text()

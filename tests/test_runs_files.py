@@ -1,4 +1,4 @@
-"""A run's files (run_files.py): their names, the CSV, set-aside names, background saves with the best
+"""A run's files (runs/files.py): their names, the CSV, set-aside names, background saves with the best
 as a copy of the latest, what a checkpoint must hold, and the log's session header."""
 
 import json
@@ -114,3 +114,47 @@ def test_record_refuses_once_another_trainer_holds_the_run(tmp_path):
         files.record({"epoch": 1}, {"format": 1}, best=False)
     assert not files.paths.csv.exists() and not files.paths.latest.exists()
     newer.close()
+
+
+def _files_with(tmp_path, latest: dict, best: dict | None) -> RunFiles:
+    files = RunFiles(tiny(tmp_path))
+    files.test_images = 100
+    checkpoints.save_checkpoint(files.paths.latest, latest)
+    if best is not None:
+        checkpoints.save_checkpoint(files.paths.best, best)
+    return files
+
+
+def _checkpoint(cfg, epoch: int, best_acc: float, best_epoch: int) -> dict:
+    return {"format": checkpoints.CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model": {"w": torch.full((2,), epoch)},
+            "optimizer": {}, "scaler": {}, "epoch": epoch, "step": epoch, "best_acc": best_acc,
+            "best_epoch": best_epoch, "best_source": "raw", "rng": {}}  # fmt: skip
+
+
+def test_restore_best_copies_a_cut_off_best_from_latest(tmp_path):
+    cfg = tiny(tmp_path)
+    latest = _checkpoint(cfg, 4, 0.5, 4)  # latest is the best epoch; its copy never happened
+    files = _files_with(tmp_path, latest, _checkpoint(cfg, 2, 0.3, 2))
+    note = files.restore_best(latest)
+    assert files.best == (0.5, 4, "raw") and "made" in note and "cut off" in note
+    assert torch.load(files.paths.best, weights_only=True)["epoch"] == 4  # the best file now holds epoch 4
+
+
+def test_restore_best_keeps_the_best_file_when_the_recorded_epoch_is_nowhere(tmp_path):
+    cfg = tiny(tmp_path / "a")
+    latest = _checkpoint(cfg, 5, 0.5, 4)  # records epoch 4 as best, but the best file holds epoch 2
+    files = _files_with(tmp_path / "a", latest, _checkpoint(cfg, 2, 0.3, 2))
+    note = files.restore_best(latest)
+    assert files.best == (0.3, 2, "raw") and "epoch 4 is missing, so epoch 2 (30.00%) stays the best" in note
+    cfg = tiny(tmp_path / "b")
+    files = _files_with(tmp_path / "b", _checkpoint(cfg, 5, 0.5, 4), None)  # and no best file at all
+    assert "none is kept" in files.restore_best(_checkpoint(cfg, 5, 0.5, 4)) and files.best == (0.0, 0, "raw")
+    assert files.consider(6, [(0.01, "raw")]) and files.best.epoch == 6  # the next scoring epoch is the best
+
+
+def test_accuracies_are_compared_in_whole_images(tmp_path):
+    files = RunFiles(tiny(tmp_path))
+    files.test_images = 100
+    files.best = checkpoints.BestRecord(0.07, 1, "raw")
+    assert not files.consider(2, [(0.07000000029802322, "raw")])  # float32 of 7/100 against 0.07: a tie
+    assert files.consider(2, [(0.08, "ema"), (0.07, "raw")]) and files.best == (0.08, 2, "ema")

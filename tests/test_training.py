@@ -134,7 +134,7 @@ def test_checkpoint_holds_everything_and_loads_weights_only(cifar, tmp_path):
     assert set(state["rng"]) == {"device_type", "torch", "cuda", "loader", "mixup"}
     assert state["epoch"] == 1 and state["config"] == t.cfg.to_dict()
     best = torch.load(t.paths.best, weights_only=True)
-    assert best["best_epoch"] == 1 and best["best_acc"] == t.best_acc and best["best_source"] == "raw"
+    assert best["best_epoch"] == 1 and best["best_acc"] == t.best.acc and best["best_source"] == "raw"
     assert not any(k.startswith("_orig_mod") for k in state["model"])
 
 
@@ -321,12 +321,12 @@ def test_best_model_is_a_separate_copy_with_best_weights(cifar, tmp_path):
     t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
     train_all(t)
     model, info = t.best_model()
-    assert model is not t.model and info["epoch"] == t.best_epoch and info["test_acc"] == t.best_acc
+    assert model is not t.model and info["epoch"] == t.best.epoch and info["test_acc"] == t.best.acc
     saved = torch.load(t.paths.best, weights_only=True)
-    assert saved["best_epoch"] == t.best_epoch and saved["best_source"] == info["source"] == "raw"
+    assert saved["best_epoch"] == t.best.epoch and saved["best_source"] == info["source"] == "raw"
     assert all(torch.equal(v, saved["model"][k]) for k, v in model.state_dict().items())
     acc = t.evaluator.confusion_matrix(model).diag().sum().item() / 50
-    assert acc == pytest.approx(t.best_acc)
+    assert acc == pytest.approx(t.best.acc)
 
 
 def test_load_data_reads_its_config_fields(fake_cifar, tmp_path):
@@ -407,4 +407,4 @@ def test_a_short_run_on_2000_images_learns_well_above_chance(tmp_path):
     t = Trainer(cfg, data, **QUIET)
     assert t.warmup_steps == round(0.1 * 3 * t.steps_per_epoch)  # capped: a 10-epoch warmup would never end
     train_all(t)
-    assert t.best_acc > 0.5  # chance is 0.1
+    assert t.best.acc > 0.5  # chance is 0.1
