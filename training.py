@@ -166,11 +166,6 @@ class Trainer:
         return self.files.best
 
     @property
-    def compile_seconds(self) -> float:
-        """Seconds spent compiling in this session (``step.CompileClock``)."""
-        return self.compile_clock.seconds
-
-    @property
     def compile_mode(self) -> Optional[str]:
         return self.compiled_step.mode
 
@@ -409,7 +404,8 @@ class Trainer:
                 stats = self.train_epoch()
                 stats.update(self._timed_evaluation())
             self.epoch = epoch
-            improved = self._update_best(stats)
+            scores = [(stats[history.TEST_ACC], "raw")] + ([(stats[history.EMA_TEST_ACC], "ema")] if self.ema else [])
+            improved = self.files.consider(epoch, scores)  # the better of raw and EMA, if it beats the best
             row = self._record(stats, improved)
         except TrainingInterrupted:
             raise
@@ -443,11 +439,6 @@ class Trainer:
             self.compile_clock.charge(seconds)
         return {**stats, "eval_seconds": 0.0 if compiling else seconds, "eval_compile_seconds": seconds * compiling}
 
-    def _update_best(self, stats: dict) -> bool:
-        """Keep the better of the raw and EMA weights' test accuracy as best, if it beats the best so far."""
-        scores = [(stats[history.TEST_ACC], "raw")] + ([(stats[history.EMA_TEST_ACC], "ema")] if self.ema else [])
-        return self.files.consider(self.epoch, scores)
-
     def _record(self, stats: dict, improved: bool) -> dict:
         if self.step != self.epoch * self.steps_per_epoch:  # never save a state that resume would refuse
             raise RuntimeError(f"internal error: step {self.step} after epoch {self.epoch}")
@@ -456,7 +447,7 @@ class Trainer:
         self.files.wait_for_saves()  # the previous epoch's files are on disk (raises its error, if any)
         latest = snapshot(self.state_dict())
         stats["checkpoint_seconds"] = time.perf_counter() - start
-        row = self._csv_row(stats)
+        row = history.row(self.columns, self.epoch, stats, alphas(self.model), gains(self.model))
         note = self.files.record(row, latest, best=improved, final=self.epoch >= self.cfg.epochs)
         if note:
             self.console.say(f"note: {note}")
@@ -466,12 +457,6 @@ class Trainer:
         """The CSV's columns for this config, in order."""
         clean, ema = self.evaluator.clean_train_loader is not None, self.ema is not None
         return history.columns(clean, ema, list(alphas(self.model)), list(gains(self.model)))
-
-    def _csv_row(self, stats: dict) -> dict:
-        values = {**stats, history.EPOCH: self.epoch}
-        values.update({history.ALPHA + n: v for n, v in alphas(self.model).items()})
-        values.update({history.GAIN + n: v for n, v in gains(self.model).items()})
-        return {c: values[c] for c in self.columns}
 
     def best_model(self) -> tuple[ViT, dict]:
         """A separate copy of the model with the best checkpoint's weights (the model being trained

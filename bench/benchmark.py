@@ -224,7 +224,7 @@ def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2) 
     train = spread([r["train_seconds"] for r in steady])
     result = {
         "compile_mode": trainer.compile_mode,
-        "compile_seconds": trainer.compile_seconds,
+        "compile_seconds": trainer.compile_clock.seconds,
         "whole_epoch_s": whole,
         "train_s": train,
         "eval_s": spread([r["eval_seconds"] for r in steady]),
@@ -232,7 +232,7 @@ def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2) 
         "model_only_epoch_s": {k: v * per_epoch if k != "n" else v for k, v in floor.items()},
         "train_over_model_only": train["median"] / floor["median"],
         "whole_over_model_only": whole["median"] / floor["median"],
-        "200_epochs_min": (trainer.compile_seconds + 200 * whole["median"]) / 60,
+        "200_epochs_min": (trainer.compile_clock.seconds + 200 * whole["median"]) / 60,
     }
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

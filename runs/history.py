@@ -28,6 +28,14 @@ def columns(clean: bool, ema: bool, alpha_layers: list[str], gain_layers: list[s
     return names + list(TIME_COLUMNS) + [ALPHA + n for n in alpha_layers] + [GAIN + n for n in gain_layers]
 
 
+def row(columns: list[str], epoch: int, stats: dict, alphas: dict, gains: dict) -> dict:
+    """One epoch's row in ``columns``' order: ``stats`` (the epoch's scores and seconds), and each
+    layer's alpha and gain."""
+    values = {**stats, EPOCH: epoch, **{ALPHA + n: v for n, v in alphas.items()}}
+    values.update({GAIN + n: v for n, v in gains.items()})
+    return {c: values[c] for c in columns}
+
+
 def read_csv(path: str | Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

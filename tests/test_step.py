@@ -254,7 +254,7 @@ for epoch in trainer.remaining_epochs():
     trainer.run_epoch(epoch)
 trainer.close()
 print("MODE", trainer.compile_mode, "EVAL_COMPILED", trainer.compiled_step.eval_models().model is not trainer.model)
-print("COMPILE", trainer.compile_seconds)
+print("COMPILE", trainer.compile_clock.seconds)
 """
 
 
