@@ -26,6 +26,7 @@ from typing import Iterator, Optional
 
 import torch
 
+import figures
 import utils
 from config import NORM_NAMES, Config
 from data import CifarTensors
@@ -125,7 +126,8 @@ class Trainer:
             schedule.total_steps,
             schedule.warmup_steps,
         )
-        live = live_curves(progress, self.paths.figure("live"), f"{cfg.name}: live")
+        title = f"{cfg.name}: live"
+        live = live_curves(progress, self.paths.figure("live"), lambda csv, png: figures.plot_progress(csv, png, title))
         self.console = Console(progress, self.files.log, live)
         self.evaluator = Evaluator(data, cfg.eval_batch_size, cfg.clean_train_images, self.amp_dtype)
         self.files.test_images = len(data.x_test)  # best epochs compared in whole images

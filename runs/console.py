@@ -35,15 +35,14 @@ def status_line(epoch: int, epochs: int, best_acc: float, best_epoch: int, best_
     return f"stopped after {epoch} of {epochs} epochs; {best}"
 
 
-def live_curves(progress: str, path, title: str) -> Optional[LiveCurves]:
-    """Curves redrawn in place after epochs, when bars are on in a Jupyter kernel someone watches."""
+def live_curves(progress: str, path, draw: Callable) -> Optional[LiveCurves]:
+    """Curves redrawn in place after epochs, when bars are on in a Jupyter kernel someone watches;
+    ``draw(csv, png)`` writes the figure (``figures.plot_progress``, passed in by the trainer)."""
     if progress != "bars" or not utils.live_jupyter():
         return None
     from IPython.display import display
 
-    import figures
-
-    return LiveCurves(lambda csv, png: figures.plot_progress(csv, png, title), path, display)
+    return LiveCurves(draw, path, display)
 
 
 class Console:

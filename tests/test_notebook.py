@@ -67,6 +67,7 @@ def _text(nb) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.slow
 def test_notebook_trains_then_resumes(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=60, test=40)
     common = dict(
@@ -112,6 +113,7 @@ def test_notebook_trains_then_resumes(tmp_path):
     assert "resuming" not in _text(third) and len(read_csv(csv_path)) == 3
 
 
+@pytest.mark.slow
 def test_stop_button_mid_epoch_then_rerun_resumes_cleanly_in_a_real_kernel(tmp_path):
     """The training cell interrupted in a live Jupyter kernel (what the stop button sends), then run
     again: the cut-off epoch is trained again from the last checkpoint, never continued in memory."""
@@ -226,6 +228,7 @@ def test_every_parameter_reaches_the_config_or_the_notebook():
     assert names <= read, sorted(names - read)
 
 
+@pytest.mark.slow
 def test_the_readme_command_prints_epoch_lines_on_the_terminal_and_overrides_reach_the_files(tmp_path):
     # As the README runs it: the papermill command line with --log-output and progress left at "auto".
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=20)
@@ -252,6 +255,7 @@ def test_the_readme_command_prints_epoch_lines_on_the_terminal_and_overrides_rea
     assert "WARNING: training on the CPU" in log  # said before the log opened, written to it all the same
 
 
+@pytest.mark.slow
 def test_an_unknown_override_stops_with_the_closest_field(tmp_path):
     import papermill
 

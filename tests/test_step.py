@@ -129,6 +129,7 @@ def test_soft_cross_entropy_equals_hard_for_one_hot():
     )
 
 
+@pytest.mark.slow
 def test_compiled_step_forward_matches_eager():
     # Inductor on the CPU: the loss and the metric inside the compiled region give the eager values.
     torch.manual_seed(0)
@@ -258,6 +259,7 @@ print("COMPILE", trainer.compile_clock.seconds)
 """
 
 
+@pytest.mark.slow
 def test_compiled_runs_count_compile_time_once_and_a_second_process_reuses_the_kernels(fake_cifar, tmp_path):
     # torch.compile with Inductor on the CPU (a C++ compiler is needed): the compiled path end to end,
     # in two processes of the same shapes, as a sweep starts them.

@@ -43,6 +43,7 @@ def test_grid_names_each_run_after_its_overrides():
     assert runs[3][1] == {"norm": "ln", "seed": 1}
 
 
+@pytest.mark.slow
 def test_tiny_sweep_table_group_statistics_and_plot(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
     runs = sweeps.grid(_base(tmp_path, data), {"norm": ["dyt", "ln"], "seed": [0, 1]})
@@ -67,6 +68,7 @@ def test_tiny_sweep_table_group_statistics_and_plot(tmp_path):
     assert before == {c.name: (Path(c.log_dir) / f"{c.name}.csv").read_bytes() for c, _ in runs}
 
 
+@pytest.mark.slow
 def test_one_failing_run_does_not_stop_the_others(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
     base = _base(tmp_path, data, epochs=1, lr=1e30, min_lr=0.0, grad_clip=0.0, warmup_epochs=0)
@@ -77,6 +79,7 @@ def test_one_failing_run_does_not_stop_the_others(tmp_path):
     assert "diverged" in table[table["status"] == "diverged"].iloc[0]["error"]
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_every_run_once(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=60, test=40)
     overrides = json.dumps(_base(tmp_path, data, epochs=4, batch_size=10).to_dict())
@@ -125,6 +128,7 @@ def test_listed_runs_cross_the_grid_and_clashes_are_refused():
         sweeps.expand(Config(), [{}], {"seed": []})
 
 
+@pytest.mark.slow
 def test_listed_runs_table_fills_fields_from_the_config_and_reports_unfinished_runs(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
     runs = sweeps.expand(_base(tmp_path, data, epochs=2), [{}, {"pool": "gap"}, {"pool": "gap", "ema_decay": 0.9}])
@@ -154,6 +158,7 @@ def test_listed_runs_table_fills_fields_from_the_config_and_reports_unfinished_r
     assert paths.csv.read_bytes() == before  # nothing trained
 
 
+@pytest.mark.slow
 def test_command_line_table_only_and_bad_input(tmp_path, capsys):
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
     overrides = json.dumps(_base(tmp_path, data, epochs=1).to_dict())

@@ -10,6 +10,7 @@ import time
 import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -r requirements-cluster.txt")
+pytestmark = pytest.mark.slow  # starts a local Ray
 
 import sweeps  # noqa: E402
 from config import Config  # noqa: E402
