@@ -2,10 +2,18 @@
 
 ``<checkpoint_dir>/<run>.lock`` holds JSON: the holder's pid, host, a random token and a heartbeat
 (Unix time), rewritten every ``HEARTBEAT_SECONDS`` by a background thread while the lock is held,
-however long an epoch takes. Another trainer takes the lock over only when it is stale: its process
-is gone (same host), it was taken by this very process (a trainer built anew in a notebook replaces
-the old one), or its heartbeat is older than ``STALE_SECONDS`` (another host, e.g. two Colab sessions
-on one Drive folder). The holder checks the file before each write and stops if it was taken over.
+however long an epoch takes. The thread survives a failed write (it tries again next time) and puts
+back a lock file deleted by hand; it stops only when another trainer's token is in the file.
+
+Another trainer takes the lock over only when it is stale: its process is gone (same host), it was
+taken by this very process (a trainer built anew in a notebook replaces the old one), or, from another
+host (two Colab sessions on one Drive folder), its heartbeat has stopped changing. Clocks are never
+compared to decide that a live holder is dead: a heartbeat that looks fresh by this host's clock is
+trusted at once; one that looks old, or lies in the future (hosts whose clocks disagree, a clock set
+back), is watched for ``WATCH_SECONDS`` on this process's monotonic clock, and taken over only if it did
+not change. The holder recognises its own token whatever its heartbeat says, checks the file before
+each write, and stops, writing nothing, if the run was taken over or its heartbeat could not be written
+for ``STALE_SECONDS / 2``.
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ from typing import Optional
 
 from runs.atomic import atomic_write
 
-STALE_SECONDS = 30 * 60  # a lock from another host whose heartbeat is older than this is taken over
+STALE_SECONDS = 30 * 60  # another host's heartbeat this old (by our clock) is watched to see if it still beats
 HEARTBEAT_SECONDS = 60.0  # how often the holder refreshes its heartbeat (far below STALE_SECONDS)
+WATCH_SECONDS = 2.5 * HEARTBEAT_SECONDS  # how long a doubtful heartbeat is watched before it counts as stopped
 HALF_WRITTEN_SECONDS = 5  # an empty lock file older than this was left by a writer that died mid-write
 PID_MAX = 2**22  # Linux's largest pid_max
 
@@ -53,12 +62,19 @@ def _holder_info(token: str) -> str:
     return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": token, "heartbeat": time.time()})
 
 
-def _read_token(path: Path) -> Optional[str]:
+def _read_holder(path: Path) -> Optional[dict]:
+    """The lock file's JSON object; None if it is gone; ``{}`` if it holds anything else."""
     try:
         holder = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
-    return holder.get("token") if isinstance(holder, dict) else None
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _read_token(path: Path) -> Optional[str]:
+    return (_read_holder(path) or {}).get("token")
 
 
 def _release(path: Path, token: str, stop: threading.Event) -> None:
@@ -70,15 +86,45 @@ def _release(path: Path, token: str, stop: threading.Event) -> None:
         pass
 
 
-def _keep_fresh(path: Path, token: str, stop: threading.Event, every: float) -> None:
-    """Rewrite the heartbeat every ``every`` seconds while the file is still ours."""
+def _create(path: Path, token: str) -> bool:
+    """Create the lock file with this holder's record; False if another process created it first."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(_holder_info(token))
+    return True
+
+
+class Heartbeat:
+    """What the heartbeat thread saw, for the holder's ``check()``: when it last wrote (monotonic), its
+    last error, whether it put back a deleted file, and who took the run over."""
+
+    def __init__(self):
+        self.last_ok = time.monotonic()
+        self.error: Optional[OSError] = None
+        self.recreated = False
+        self.taken_by: Optional[dict] = None
+
+
+def _keep_fresh(path: Path, token: str, stop: threading.Event, every: float, beat: Heartbeat) -> None:
+    """Rewrite the heartbeat every ``every`` seconds while the file is ours; put it back if it was
+    deleted; try again after a failed read or write; stop when another token is in the file."""
     while not stop.wait(every):
         try:
-            if _read_token(path) != token:
+            holder = _read_holder(path)
+            if holder is None:
+                beat.recreated |= _create(path, token)
+                continue  # created (the next beat refreshes it), or someone else was faster: seen next time
+            if holder.get("token") not in (token, None):
+                beat.taken_by = holder
                 return
-            atomic_write(path, lambda tmp: Path(tmp).write_text(_holder_info(token)))
-        except OSError:  # a full or vanished folder: the next check() says what happened
-            pass
+            if holder.get("token") == token:  # content no trainer wrote is left alone for check() to report
+                atomic_write(path, lambda tmp: Path(tmp).write_text(_holder_info(token)))
+                beat.last_ok, beat.error = time.monotonic(), None
+        except OSError as e:  # a full or unreachable folder: tried again next time; check() judges
+            beat.error = e
 
 
 class RunLock:
@@ -90,6 +136,8 @@ class RunLock:
         self.token = uuid.uuid4().hex
         self.held = False
         self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.beat = Heartbeat()
 
     def describe_damage(self, text: str) -> Optional[str]:
         """What is wrong with lock file content ``text`` (None if it is a holder's record)."""
@@ -106,11 +154,6 @@ class RunLock:
             return "it names no host or token"
         if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool) or heartbeat != heartbeat:
             return f"its heartbeat {heartbeat!r} is not a time"
-        if heartbeat - time.time() > STALE_SECONDS:
-            return (
-                f"its heartbeat is {(heartbeat - time.time()) / 3600:.1f} h in the future (a wrong clock on the "
-                f"host that wrote it), so it would never go stale"
-            )
         return None
 
     def _holder(self) -> Optional[dict]:
@@ -141,7 +184,22 @@ class RunLock:
             return True
         if holder["host"] == socket.gethostname():
             return holder["pid"] == os.getpid() or not _process_alive(holder["pid"])
-        return time.time() - holder["heartbeat"] > STALE_SECONDS
+        if abs(time.time() - holder["heartbeat"]) <= STALE_SECONDS:  # fresh by this clock: alive
+            return False
+        return self._stopped_beating(holder)
+
+    def _stopped_beating(self, holder: dict) -> bool:
+        """Watch a doubtful heartbeat (old, or in the future, by this host's clock) for ``WATCH_SECONDS``
+        on the monotonic clock: stopped if it never changed (nor the holder)."""
+        end = time.monotonic() + WATCH_SECONDS
+        while time.monotonic() < end:
+            time.sleep(min(1.0, WATCH_SECONDS / 10))
+            now = _read_holder(self.path)
+            if now is None or now.get("token") != holder["token"]:
+                return False  # released or taken meanwhile: acquire() looks again
+            if now.get("heartbeat") != holder["heartbeat"]:
+                return False  # it beats: alive, whatever the clocks say
+        return True
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,39 +230,57 @@ class RunLock:
     def _start_heartbeat(self) -> None:
         self.held = True
         self._stop = threading.Event()
+        self.beat = Heartbeat()
         weakref.finalize(self, _release, self.path, self.token, self._stop)
         # The thread holds no reference to this object, so garbage collection still releases the lock.
-        threading.Thread(
+        self._thread = threading.Thread(
             target=_keep_fresh,
-            args=(self.path, self.token, self._stop, HEARTBEAT_SECONDS),
+            args=(self.path, self.token, self._stop, HEARTBEAT_SECONDS, self.beat),
             name=f"lock-heartbeat-{self.path.name}",
             daemon=True,
-        ).start()
+        )
+        self._thread.start()
+
+    def stop_heartbeat(self) -> None:
+        """Stop the heartbeat thread and wait for it (the lock stays held): for tests that fake a
+        takeover, which a heartbeat under way could otherwise overwrite."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
     def check(self) -> str:
-        """Before a write: raise ``RunLockedError`` if another trainer has taken this run over. A lock
-        file deleted by hand is taken again (nobody else holds it); returns a note saying so."""
+        """Before a write: raise ``RunLockedError`` if another trainer has taken this run over, or if the
+        heartbeat could not be written for ``STALE_SECONDS / 2`` (another host could soon take it over).
+        A lock file deleted by hand is taken again (nobody else holds it); returns a note saying so."""
         if not self.held:
             raise RunLockedError(f"this trainer does not hold {self.path}: call resume() first")
-        if not self.path.exists():
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:  # someone took it in between: refused below
-                pass
-            else:
-                with os.fdopen(fd, "w") as f:
-                    f.write(_holder_info(self.token))
-                return f"the lock file {self.path} was deleted while this run trained; it is taken again"
-        holder = self._holder()
-        if holder is None or holder.get("token") != self.token:
-            self._stop.set()
-            self.held = False
-            who = f"process {holder['pid']} on {holder['host']}" if holder and "pid" in holder else "another trainer"
-            raise RunLockedError(
-                f"this trainer no longer holds {self.path} (now: {who}): a trainer for the same run was "
-                f"built after it. Use the newest trainer; this one writes nothing more."
-            )
-        return ""
+        note = ""
+        if not self.path.exists() and _create(self.path, self.token) or self.beat.recreated:
+            self.beat.recreated = False
+            note = f"the lock file {self.path} was deleted while this run trained; it is taken again"
+        holder = _read_holder(self.path)
+        if holder and holder.get("token") == self.token:  # ours, whatever time its heartbeat says
+            silent = time.monotonic() - self.beat.last_ok
+            if self.beat.error is not None and silent > STALE_SECONDS / 2:
+                self._lose()
+                raise RunLockedError(
+                    f"this trainer could not refresh its lock {self.path} for {silent / 60:.0f} minutes "
+                    f"({type(self.beat.error).__name__}: {self.beat.error}), so another process may take the run "
+                    f"over. Nothing more is written; once the folder is writable again, run again to resume."
+                )
+            return note
+        if holder == {}:
+            holder = self._holder()  # content no trainer writes: raises DamagedLockError, naming what is wrong
+        self._lose()
+        who = f"process {holder['pid']} on {holder['host']}" if holder and "pid" in holder else "another trainer"
+        raise RunLockedError(
+            f"this trainer no longer holds {self.path} (now: {who}): a trainer for the same run was "
+            f"built after it. Use the newest trainer; this one writes nothing more."
+        )
+
+    def _lose(self) -> None:
+        self._stop.set()
+        self.held = False
 
     def release(self) -> None:
         if self.held:
