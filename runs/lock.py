@@ -201,6 +201,19 @@ class RunLock:
                 return False  # it beats: alive, whatever the clocks say
         return True
 
+    def held_elsewhere(self) -> Optional[dict]:
+        """The record of another live trainer holding this lock (None if nobody does, or only a stale or
+        damaged file is there), without taking it: what a sweep reports as "running elsewhere"."""
+        try:
+            holder = self._holder()
+        except DamagedLockError:
+            return None
+        if holder is None or holder.get("stale") or holder.get("token") == self.token:
+            return None
+        if holder["host"] == socket.gethostname():
+            return holder if holder["pid"] != os.getpid() and _process_alive(holder["pid"]) else None
+        return holder if abs(time.time() - holder["heartbeat"]) <= STALE_SECONDS else None
+
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(10):

@@ -15,7 +15,7 @@ import sys
 
 from config import Config, with_overrides
 from sweeps.local import run_sweep
-from sweeps.runs import expand, show, train_run, write_results
+from sweeps.runs import check_sweep_name, expand, show, train_run, write_results
 
 
 def main(argv=None) -> None:
@@ -56,6 +56,16 @@ def main(argv=None) -> None:
     if not args.grid and not args.runs:
         ap.error("give --grid, --runs or both")
     try:
+        check_sweep_name(args.name)
+        if args.per_gpu < 1:
+            raise ValueError(f"--per-gpu must be an integer >= 1, got {args.per_gpu}")
+        if args.backend == "ray":
+            from sweeps import on_ray
+
+            on_ray.check_arguments(args.max_epochs, args.grace_epochs, args.max_failures, args.max_concurrent, None)
+    except ValueError as e:
+        ap.error(str(e))
+    try:
         listed = json.loads(args.runs) if args.runs else [{}]
         axes = json.loads(args.grid) if args.grid else {}
         runs = expand(with_overrides(Config(), args.overrides), listed, axes)
@@ -73,7 +83,7 @@ def main(argv=None) -> None:
             )  # fmt: skip
         else:
             table = run_sweep(runs, args.per_gpu, args.name)
-    except (ValueError, RuntimeError) as e:  # runs whose files belong to another config; Ray missing
+    except (ValueError, RuntimeError, PermissionError) as e:  # another config's files; Ray missing; a folder
         ap.exit(2, f"{ap.prog}: error: {e}\n")
     show(table)
 

@@ -21,7 +21,15 @@ import torch
 from config import Config, with_overrides
 from data import ensure_cifar10
 from runs.files import RunPaths
-from sweeps.runs import DONE, clash_message, run_result, trained_with_another_config, write_results
+from sweeps.runs import (
+    DONE,
+    check_folders,
+    check_sweep_name,
+    clash_message,
+    run_result,
+    trained_with_another_config,
+    write_results,
+)
 
 POLL_SECONDS = 0.5
 ROOT = Path(__file__).resolve().parent.parent  # the project: where ``python -m sweeps`` is found
@@ -64,6 +72,8 @@ def run_sweep(runs: list[tuple[Config, dict]], per_gpu: int = 1, name: str = "sw
     Raises ``ValueError`` before training anything if a run's files were written by another config."""
     if per_gpu < 1:
         raise ValueError(f"per_gpu must be >= 1, got {per_gpu}")
+    check_sweep_name(name)
+    check_folders(runs)
     clashes = trained_with_another_config(runs)
     if clashes:
         raise ValueError(clash_message(clashes))

@@ -14,6 +14,7 @@ can stop weak runs; such a run is marked ``stopped early`` in the table.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -28,6 +29,7 @@ REQUIREMENTS = "requirements-cluster.txt"
 STOPPED = "stopped early"
 # Not shipped to the cluster's workers with the code: environments, data, outputs, caches.
 EXCLUDES = [".venv/", ".git/", "data/", "checkpoint/", "log/", "plots/", ".cifar/", "*.pth", "__pycache__/"]
+CONNECT_SECONDS = 10  # how long --address HOST:PORT may take to answer
 METRICS = (history.TEST_ACC, history.TEST_LOSS, history.TRAIN_LOSS, history.EMA_TEST_ACC)
 
 
@@ -44,11 +46,50 @@ def import_ray():
     return ray, tune
 
 
+def check_address(address: Optional[str]) -> None:
+    """For ``HOST:PORT``, that something answers there within ``CONNECT_SECONDS`` (Ray itself would
+    retry for minutes); ``RuntimeError`` in one line if not."""
+    if address in (None, "auto") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--address must be auto or HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as e:
+        raise RuntimeError(
+            f"no Ray cluster answers at {address} ({type(e).__name__}: {e}). Start one there (`ray start --head "
+            f"--port {port}` on that machine), or leave out --address to start Ray on this machine."
+        ) from None
+
+
 def start_ray(address: Optional[str] = None, **kwargs) -> None:
     """Connect to the cluster at ``address`` (None: start Ray on this machine), shipping this project's
-    code to its workers (``kwargs`` go to ``ray.init``, e.g. ``num_cpus``)."""
+    code to its workers (``kwargs`` go to ``ray.init``, e.g. ``num_cpus``). ``RuntimeError`` in one
+    line when no cluster is found there."""
     ray, _ = import_ray()
-    ray.init(address=address, runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES}, **kwargs)
+    check_address(address)
+    try:
+        ray.init(address=address, runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES}, **kwargs)
+    except ConnectionError as e:
+        raise RuntimeError(
+            f"no running Ray cluster found for --address {address} ({str(e).splitlines()[0]}). Start one with "
+            f"`ray start --head` (and `ray start --address HEAD:6379` on the other nodes), or leave out --address "
+            f"to start Ray on this machine."
+        ) from None
+
+
+def check_arguments(max_epochs, grace_epochs, max_failures: int, max_concurrent: int, scheduler) -> None:
+    """The Ray options' values, before anything starts (``ValueError`` naming the option)."""
+    options = [("--max-epochs", max_epochs, 1), ("--grace-epochs", grace_epochs, 1)]
+    options += [("--max-failures", max_failures, 0), ("--max-concurrent", max_concurrent, 0)]
+    for option, value, low in options:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise ValueError(f"{option} must be an integer >= {low}, got {value!r}")
+    if scheduler not in (None, "asha"):
+        raise ValueError(f"scheduler must be 'asha' or None, got {scheduler!r}")
+    if grace_epochs is not None and max_epochs is not None and grace_epochs > max_epochs:
+        raise ValueError(f"--grace-epochs ({grace_epochs}) must not exceed --max-epochs ({max_epochs})")
 
 
 def with_absolute_folders(cfg: Config) -> Config:
@@ -65,6 +106,27 @@ def trial(config: dict) -> None:
         tune.report({history.EPOCH: row[history.EPOCH], **{k: row[k] for k in METRICS if k in row}})
 
     sweep_runs.train_run(config["run"], on_epoch=report)
+
+
+def recording_asha(max_t: int, grace_period: int):
+    """Ray Tune's ASHA on the runs' test accuracy per epoch, remembering the names of the runs it stopped
+    before their last epoch (``.stopped``): only those are "stopped early", never a run that an interrupt
+    or a lost cluster ended."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    class RecordingASHA(ASHAScheduler):
+        def __init__(self):
+            super().__init__(time_attr=history.EPOCH, metric=history.TEST_ACC, mode="max", max_t=max_t,
+                             grace_period=grace_period, reduction_factor=2)  # fmt: skip
+            self.stopped: set[str] = set()
+
+        def on_trial_result(self, tune_controller, trial, result):
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if decision == self.STOP and result.get(history.EPOCH, max_t) < max_t:
+                self.stopped.add(trial.config["run"]["run_name"] or Config.from_dict(trial.config["run"]).name)
+            return decision
+
+    return RecordingASHA()
 
 
 def run_ray_sweep(
@@ -89,10 +151,14 @@ def run_ray_sweep(
         max_concurrent: trials at once (0: as many as the cluster's resources allow).
     """
     ray, tune = import_ray()
+    sweep_runs.check_sweep_name(name)
+    check_arguments(max_epochs, grace_epochs, max_failures, max_concurrent, scheduler)
+    check_address(address)
     clashes = sweep_runs.trained_with_another_config(runs)
     if clashes:
         raise ValueError(sweep_runs.clash_message(clashes))
     runs = [(with_absolute_folders(c), o) for c, o in runs]
+    sweep_runs.check_folders(runs)  # a read-only folder named in one line, before Ray starts
     pending = [c for c, _ in runs if sweep_runs.run_result(c)["status"] not in sweep_runs.DONE]
     say = print if progress != "off" else (lambda *_: None)
     say(f"{name}: {len(runs)} runs, {len(runs) - len(pending)} done already, {len(pending)} to train on Ray")
@@ -105,19 +171,8 @@ def run_ray_sweep(
         longest = max(c.epochs for c in pending)
         asha = None
         if scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
             max_t = max_epochs or longest
-            asha = ASHAScheduler(
-                time_attr=history.EPOCH,
-                metric=history.TEST_ACC,
-                mode="max",
-                max_t=max_t,
-                grace_period=grace_epochs or max(1, max_t // 4),
-                reduction_factor=2,
-            )
-        elif scheduler is not None:
-            raise ValueError(f"scheduler must be 'asha' or None, got {scheduler!r}")
+            asha = recording_asha(max_t, grace_epochs or max(1, max_t // 4))
         tuner = tune.Tuner(
             tune.with_resources(trial, resources),
             param_space={"run": tune.grid_search([c.to_dict() for c in pending])},
@@ -129,10 +184,9 @@ def run_ray_sweep(
                 verbose=1 if progress != "off" else 0,
             ),
         )
-        grid = tuner.fit()
-        for result in grid:
-            cfg = Config.from_dict(result.config["run"])
+        tuner.fit()
+        for cfg in pending:  # only what the scheduler stopped: an interrupted sweep's runs stay unfinished
             done = sweep_runs.run_result(cfg)
-            if result.error is None and done["status"] == "unfinished":  # the scheduler ended it
+            if asha is not None and cfg.name in asha.stopped and done["status"] == "unfinished":
                 sweep_runs.write_result(cfg, {**done, "status": STOPPED})
     return sweep_runs.write_results(runs, name)

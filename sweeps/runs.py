@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import report
-from config import Config, config_differences, with_overrides
+from config import RUN_NAME, Config, config_differences, with_overrides
 from runs.atomic import atomic_write
-from runs.files import RunPaths
+from runs.files import RunPaths, check_writable
+from runs.lock import RunLock, RunLockedError
 
 DONE = ("finished", "stopped early")  # statuses a sweep run again does not train further
+ELSEWHERE = "running elsewhere"  # another process holds the run's lock: this sweep says so and writes nothing
 FOLDER_FIELDS = ("data_dir", "checkpoint_dir", "log_dir", "plot_dir")
 
 
@@ -65,6 +67,23 @@ def expand(base: Config, listed: list[dict], axes: Optional[dict[str, list]] = N
     return runs
 
 
+def check_sweep_name(name: str) -> str:
+    """``name`` if it can name a sweep's files (``log/<name>_runs.csv``, ...), else ``ValueError``."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+        raise ValueError(
+            f"the sweep name must be 1-100 letters, digits and ._=+- (no spaces or path separators), starting with "
+            f"a letter or digit, got {name!r}; to write elsewhere, set log_dir and plot_dir in --overrides"
+        )
+    return name
+
+
+def check_folders(runs: list[tuple[Config, dict]]) -> None:
+    """Every run's output folder is writable (``PermissionError`` naming the first that is not), checked
+    before anything trains or starts."""
+    for folder in dict.fromkeys(getattr(c, k) for c, _ in runs for k in ("checkpoint_dir", "log_dir", "plot_dir")):
+        check_writable(folder)
+
+
 def compare_norms(cfg: Config, seeds: list[int]) -> list[tuple[Config, dict]]:
     """DyT and LayerNorm with ``cfg``'s recipe over ``seeds``. The run of ``cfg``'s own norm and seed
     is ``cfg`` itself (its files, its name), so a run the notebook trained already is not trained again."""
@@ -85,6 +104,9 @@ def train_run(config: Config | dict, progress: str = "off", on_epoch: Optional[C
     start = time.time()
     result = {"run_name": cfg.name, "status": "failed", "error": ""}
     trainer = None
+    holder = RunLock(RunPaths.of(cfg).lock).held_elsewhere()
+    if holder is not None:  # another sweep or notebook trains it: its files are not this sweep's to write
+        return {**result, "status": ELSEWHERE, "error": f"process {holder['pid']} on {holder['host']} trains it"}
     try:
         trainer = Trainer(cfg, load_data(cfg), progress=progress)
         for epoch in trainer.remaining_epochs():
@@ -94,6 +116,8 @@ def train_run(config: Config | dict, progress: str = "off", on_epoch: Optional[C
         result["status"] = "finished"
     except DivergenceError as e:
         result.update(status="diverged", error=str(e))
+    except RunLockedError as e:  # taken by another process between the look above and the lock
+        return {**result, "status": ELSEWHERE, "error": str(e)}
     except Exception as e:  # one run's failure is its own; the sweep goes on
         result["error"] = f"{type(e).__name__}: {e}"
     finally:
@@ -180,6 +204,9 @@ def run_result(cfg: Config) -> dict:
     except (OSError, ValueError):
         said = {}
     row = {"run_name": cfg.name, "status": "not run", "error": "", **summary, "planned_epochs": cfg.epochs}
+    holder = RunLock(paths.lock).held_elsewhere() if summary["epochs"] < cfg.epochs else None
+    if holder is not None:
+        return {**row, "status": ELSEWHERE, "error": f"process {holder['pid']} on {holder['host']} trains it"}
     if said.get("status") in ("diverged", "failed", "stopped early") and said.get("epochs", 0) == summary["epochs"]:
         row.update(status=said["status"], error=said.get("error", ""))
     elif summary["epochs"] >= cfg.epochs:
@@ -219,6 +246,12 @@ def show(table) -> None:
     print(groups.to_string(index=False, float_format="{:.2f}".format) if len(groups) else "(no finished run yet)")
     for _, row in table[table["status"].isin(["failed", "diverged"])].iterrows():
         print(f"\n{row['run_name']} {row['status']}: {row.get('error', '')}")
+    elsewhere = table[table["status"] == ELSEWHERE]
+    if len(elsewhere):
+        print(
+            f"\nrunning elsewhere (another process holds them; nothing written here): "
+            f"{', '.join(elsewhere['run_name'])}"
+        )
     stopped = table[table["status"] == "stopped early"]
     if len(stopped):
         print(f"\nstopped early by the scheduler (not in the group statistics): {', '.join(stopped['run_name'])}")

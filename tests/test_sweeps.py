@@ -195,3 +195,44 @@ def test_the_ray_backend_without_ray_says_what_to_install_and_its_flags_need_it(
     with pytest.raises(SystemExit):
         sweeps_main(["--overrides", overrides, "--runs", "[{}]", "--scheduler", "asha"])
     assert "--scheduler only mean something with --backend ray" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--name", "no/such/dir"], "the sweep name must be"),
+        (["--name", ""], "the sweep name must be"),
+        (["--per-gpu", "0"], "--per-gpu must be an integer >= 1"),
+        (["--backend", "ray", "--max-epochs", "0"], "--max-epochs must be an integer >= 1"),
+        (["--backend", "ray", "--grace-epochs", "-2"], "--grace-epochs must be an integer >= 1"),
+        (["--backend", "ray", "--max-concurrent", "-1"], "--max-concurrent must be an integer >= 0"),
+        (["--backend", "ray", "--max-failures", "-5"], "--max-failures must be an integer >= 0"),
+        (["--backend", "ray", "--max-epochs", "4", "--grace-epochs", "5"], "must not exceed --max-epochs"),
+    ],
+)
+def test_r10_bad_sweep_options_are_refused_before_anything_starts(tmp_path, capsys, args, says):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
+    overrides = json.dumps(_base(tmp_path, data, epochs=1).to_dict())
+    with pytest.raises(SystemExit) as exit_code:
+        sweeps_main(["--overrides", overrides, "--runs", "[{}]"] + args)
+    assert exit_code.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "log").exists()  # nothing trained or written
+    with pytest.raises(ValueError, match="the sweep name must be"):
+        sweeps.run_sweep(sweeps.expand(_base(tmp_path, data), [{}]), name="a/b", progress="off")
+
+
+def test_r9_address_auto_without_a_cluster_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra")
+
+    def no_cluster(*_, **__):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.")
+
+    monkeypatch.setattr(ray, "init", no_cluster)  # what ray.init("auto") raises with no cluster running
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
+    overrides = json.dumps(_base(tmp_path, data, epochs=1).to_dict())
+    with pytest.raises(SystemExit) as exit_code:
+        sweeps_main(["--overrides", overrides, "--runs", "[{}]", "--backend", "ray", "--address", "auto"])
+    err = capsys.readouterr().err
+    assert exit_code.value.code == 2 and "no running Ray cluster found for --address auto" in err
+    assert "ray start --head" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -2,10 +2,14 @@
 the local backend, a trial killed mid-run retried from its last epoch, ASHA stopping a clearly worse run.
 Ray is an optional extra (requirements-cluster.txt); CI installs it, so these run there."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +21,8 @@ from config import Config  # noqa: E402
 from conftest import rows, write_fake_cifar10  # noqa: E402
 from runs.files import RunPaths  # noqa: E402
 from sweeps import on_ray  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,3 +105,76 @@ def test_asha_stops_a_clearly_worse_run_and_the_table_says_so(tmp_path):
     assert status[runs[0][0].name] == ("finished", 4)
     assert status[runs[1][0].name][0] == "stopped early" and status[runs[1][0].name][1] < 4
     assert list(table.attrs["groups"]["runs"]) == [1]  # only the finished run is in the statistics
+
+
+def test_r1_ctrl_c_on_the_driver_leaves_runs_unfinished_and_a_rerun_continues_them(tmp_path):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=60, test=40)
+    base = _base(tmp_path, data, epochs=40, batch_size=10)
+    runs = [(on_ray.with_absolute_folders(c), o) for c, o in sweeps.grid(base, {"seed": [0, 1]})]
+    address = ray.get_runtime_context().gcs_address  # the driver joins this module's local Ray
+    shared = json.dumps(runs[0][0].to_dict() | {"run_name": "", "seed": 0})
+    command = [sys.executable, "-m", "sweeps", "--backend", "ray", "--address", address, "--grid", '{"seed": [0, 1]}',
+               "--overrides", shared, "--name", "ctrlc"]  # fmt: skip
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    csvs = [RunPaths.of(c).csv for c, _ in runs]
+    try:
+        for _ in range(6000):  # a bound on polls, not a timing: both runs are training
+            if all(p.exists() and len(rows(p)) >= 1 for p in csvs) or driver.poll() is not None:
+                break
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGINT)  # Ctrl-C on the driver, no scheduler
+        driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    trained = [len(rows(p)) for p in csvs]
+    assert all(0 < n < 40 for n in trained), trained  # interrupted part-way
+    for cfg, _ in runs:
+        assert sweeps.run_result(cfg)["status"] in ("unfinished", "running elsewhere")
+        result = RunPaths.of(cfg).result
+        assert not result.exists() or "stopped early" not in result.read_text()
+    for _ in range(6000):  # the trials' workers end after the driver: their locks go stale
+        if all(sweeps.run_result(c)["status"] == "unfinished" for c, _ in runs):
+            break
+        time.sleep(0.05)
+    table = on_ray.run_ray_sweep(runs, "ctrlc", progress="off")  # the command run again continues them
+    assert list(table["status"]) == ["finished", "finished"]
+    for p in csvs:
+        assert [r["epoch"] for r in rows(p)] == [str(e) for e in range(1, 41)]  # every epoch once
+
+
+def test_r5_a_run_locked_by_another_process_is_running_elsewhere_and_nothing_is_written(tmp_path):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
+    runs = sweeps.grid(_base(tmp_path, data), {"seed": [0, 1]})
+    runs = [(on_ray.with_absolute_folders(c), o) for c, o in runs]
+    busy = RunPaths.of(runs[1][0])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, time; sys.path[:0] = {sys.path!r}; from runs.lock import RunLock; "
+         f"lock = RunLock({str(busy.lock)!r}); lock.acquire(); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"  # another sweep trains seed 1
+        table = on_ray.run_ray_sweep(runs, "twice", progress="off")
+        status = dict(zip(table["run_name"], table["status"]))
+        assert status[runs[0][0].name] == "finished" and status[busy.name] == "running elsewhere"
+        assert not busy.result.exists() and not busy.csv.exists()  # nothing written about it here
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_r9_an_address_where_no_cluster_answers_fails_fast_in_one_line(tmp_path, capsys):
+    with pytest.raises(RuntimeError, match=r"no Ray cluster answers at 127.0.0.1:1 .*leave out --address"):
+        on_ray.check_address("127.0.0.1:1")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        on_ray.check_address("nowhere")
+
+
+def test_r11_a_log_folder_that_cannot_be_written_is_named_before_ray_starts(tmp_path):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
+    (tmp_path / "taken").write_text("a file where the log folder's parent should be")  # unwritable, even as root
+    runs = sweeps.grid(_base(tmp_path, data, log_dir=str(tmp_path / "taken" / "log")), {"seed": [0]})
+    with pytest.raises(PermissionError, match=f"cannot write in {tmp_path / 'taken' / 'log'}"):
+        on_ray.run_ray_sweep(runs, "readonly", progress="off")
+    assert not list(tmp_path.glob("ck/*.pth")) and not (tmp_path / "taken" / "ray").exists()  # nothing started
