@@ -15,12 +15,13 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import utils
 from randomaug import RandAugment
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -271,12 +272,20 @@ class TrainAugment:
     """
 
     def __init__(
-        self, padding: int = 4, flip: bool = True, randaugment: Optional[RandAugment] = None, compile: bool = False
+        self,
+        padding: int = 4,
+        flip: bool = True,
+        randaugment: Optional[RandAugment] = None,
+        compile: bool = False,
+        repair: Optional[Callable[[BaseException], str]] = None,
     ):
         self.padding = padding
         self.flip = flip
         self.randaugment = randaugment
         self.compiled = torch.compile(self.transform, dynamic=False) if compile else None
+        self.repair = repair  # after a failed compile: repairs the kernel cache once (a note), or "" to fall back
+        self.failure = ""  # why the compiled transform failed, once it has (then it runs eagerly)
+        self.repaired = ""  # what the repair said, when a failure led to one
 
     def draw(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict:
         """The batch's random choices, as tensors."""
@@ -296,15 +305,26 @@ class TrainAugment:
             x = self.randaugment.apply(x, op, level, sign)
         return normalize(x)
 
-    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        params = self.draw(x, generator)
+    def notes(self) -> list[str]:
+        """What its compile came to, to say once: a repaired kernel cache, a fallback to eager."""
+        failed = f"the compiled augmentation failed ({self.failure}); it runs eagerly, and the attempt counts as "
+        return [self.repaired, self.failure and failed + "compile time"]
+
+    def __call__(
+        self, x: torch.Tensor, generator: Optional[torch.Generator] = None, params: Optional[dict] = None
+    ) -> torch.Tensor:
+        """Augment a uint8 batch (``params``: choices drawn already, when a failed compile retries)."""
+        params = self.draw(x, generator) if params is None else params
         if self.compiled is not None:
             try:
                 return self.compiled(x, **params)
             except Exception as e:  # an Inductor/Triton failure must not stop training
-                warnings.warn(
-                    f"compiled augmentation failed ({type(e).__name__}: {e}); running it eagerly", stacklevel=2
-                )
+                self.repaired = self.repair(e) if self.repair is not None and not self.repaired else ""
+                if self.repaired:  # a damaged kernel cache, moved aside: compile once more, afresh
+                    self.compiled = torch.compile(self.transform, dynamic=False)
+                    return self(x, generator=None, params=params)
+                self.failure = utils.first_line(e)
+                warnings.warn(f"compiled augmentation failed ({self.failure}); running it eagerly", stacklevel=2)
                 self.compiled = None
         return self.transform(x, **params)
 

@@ -52,13 +52,13 @@ def build_model(cfg: Config) -> ViT:
     )
 
 
-def build_augment(cfg: Config, compile: bool = False) -> TrainAugment:
+def build_augment(cfg: Config, compile: bool = False, repair: Optional[Callable] = None) -> TrainAugment:
     randaug = (
         RandAugment(cfg.randaug_ops, cfg.randaug_magnitude, cfg.randaug_magnitude_std, prob=cfg.randaug_prob)
         if cfg.randaugment and cfg.randaug_ops > 0
         else None
     )
-    return TrainAugment(cfg.crop_padding, cfg.hflip, randaug, compile=compile)
+    return TrainAugment(cfg.crop_padding, cfg.hflip, randaug, compile=compile, repair=repair)
 
 
 def load_data(cfg: Config) -> CifarTensors:
@@ -184,9 +184,10 @@ class RunParts:
     mixup: Mixup
 
 
-def build_run(cfg: Config, data: CifarTensors, compile: bool = False) -> RunParts:
+def build_run(cfg: Config, data: CifarTensors, compile: bool = False, repair: Optional[Callable] = None) -> RunParts:
     """A run's parts as a fresh run starts them, seeded from ``cfg.seed`` (the same config and data give
-    bitwise the same parts). ``compile``: the augmentation is compiled too (with the training step)."""
+    bitwise the same parts). ``compile``: the augmentation is compiled too (with the training step);
+    ``repair``: what a failed compile of it calls first (``step.CompileCache.repair``)."""
     device = data.x_train.device
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
@@ -201,7 +202,7 @@ def build_run(cfg: Config, data: CifarTensors, compile: bool = False) -> RunPart
     for g in optimizer.param_groups:
         g["lr"] = lr
     dtype = amp_dtype(cfg, device)
-    augment = build_augment(cfg, compile=compile)
+    augment = build_augment(cfg, compile=compile, repair=repair)
     loader = DeviceLoader(data.x_train, data.y_train, cfg.batch_size, train=True, augment=augment, seed=cfg.seed)
     mixup = Mixup(
         cfg.mixup_alpha, cfg.cutmix_alpha, label_smoothing=cfg.label_smoothing, num_classes=len(CLASSES), seed=cfg.seed

@@ -9,7 +9,12 @@ return values (``StepResult``, ``EvalModels``): the caller decides what to say a
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import os
+import re
+import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -18,6 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runs.lock import process_alive
+from utils import first_line
+
+SAFE_PATH = re.compile(r"[A-Za-z0-9_./+=@,:-]+")  # a path the compiler's command line takes as it is
 PROOF_STEPS = 3  # steps a compiled mode must run (CUDA graphs record on the 2nd) before it is trusted
 
 
@@ -45,16 +54,96 @@ def compile_modes(
     return first + (["reduce-overhead"] if graphs else []) + (["default"] if use_compile else [])
 
 
-def configure_process(device: torch.device, compile_cache: Optional[Path]) -> None:
+class CompileCache:
+    """Inductor's kernel cache folder for this process (None: Inductor's own default), and its repair.
+
+    A cache can be damaged (a kernel half-written by a killed process, a full disk, a flipped byte). A
+    damaged kernel either raises when it is loaded, or crashes the process outright (a corrupt shared
+    library). So: a compile that fails while the cache is in use moves the folder aside once, clears the
+    in-memory caches and tries again from scratch (``repair``); and while this process compiles, a marker
+    file names it (``begin``/``end``), so that the next process finding the marker of a dead process (it
+    crashed, or was killed, while compiling) moves the cache aside before compiling anything."""
+
+    def __init__(self, path: Optional[Path], note: str = ""):
+        self.path = path
+        self.note = note  # what to say once: where the cache is, or that it was moved aside
+        self.repaired = False
+        self._marker: Optional[Path] = None
+
+    def _move_aside(self) -> Path:
+        self.repaired = True
+        aside = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}.damaged")
+        self.path.rename(aside)
+        return aside
+
+    def repair(self, error: BaseException) -> str:
+        """Move the cache aside after ``error`` (once per process); returns what to say ("" when nothing
+        was done: no cache of ours, or repaired already, so the caller falls back instead)."""
+        if self.path is None or self.repaired or not self.path.exists():
+            return ""
+        aside = self._move_aside()
+        from torch._inductor.utils import clear_inductor_caches
+
+        clear_inductor_caches()
+        torch._dynamo.reset()
+        return (
+            f"compiling failed ({first_line(error)}) with the kernel cache {self.path}, which may be damaged: it was "
+            f"moved to {aside} (delete it when you like) and compiling starts afresh"
+        )
+
+    def check_for_crashes(self) -> str:
+        """Before any compile: move the cache aside if a process of this host died while compiling with it."""
+        if self.path is None or not self.path.is_dir():
+            return ""
+        for marker in self.path.glob(".compiling-*"):
+            host, _, pid = marker.name[len(".compiling-") :].rpartition("-")
+            if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
+                aside = self._move_aside()
+                return (
+                    f"process {pid} stopped while compiling with the kernel cache {self.path} (a crash, or it was "
+                    f"killed), so its kernels may be damaged: the cache was moved to {aside}; compiling starts afresh"
+                )
+        return ""
+
+    def begin(self, compiling: bool = True) -> None:
+        """This process starts compiling with the cache (``compiling``: its first epoch of a compiled run)."""
+        if compiling and self.path is not None and self._marker is None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._marker = self.path / f".compiling-{socket.gethostname()}-{os.getpid()}"
+            self._marker.touch()
+            atexit.register(self.end)
+
+    def end(self) -> None:
+        """This process's compiles are done (its first epoch is recorded), or it exits cleanly."""
+        if self._marker is not None:
+            self._marker.unlink(missing_ok=True)
+            self._marker = None
+
+
+def configure_process(device: torch.device, compile_cache: Optional[Path]) -> CompileCache:
     """The process-wide settings a training run makes, all here: Inductor's kernel cache in
     ``compile_cache`` (None: left as it is), so a second process of the same shapes starts in seconds;
     and on CUDA, TF32 for the few float32 matmuls (the loss, the head under fp16). They affect every
-    later compile and matmul of this process, not only this run's."""
+    later compile and matmul of this process, not only this run's. The C++ compiler's command line
+    breaks on a path with a space or a quote, so such a folder's cache lives in a folder of its own
+    under the system's temp folder (``CompileCache.note`` says so)."""
+    cache = CompileCache(None)
     if compile_cache is not None:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(compile_cache).resolve())
+        path = Path(compile_cache).resolve()
+        if not SAFE_PATH.fullmatch(str(path)):
+            safe = Path(tempfile.gettempdir()) / "dyt_cifar10_compile_cache" / hashlib.sha1(bytes(path)).hexdigest()
+            cache.note = (
+                f"the compile cache is kept in {safe}, not {path}: the C++ compiler torch.compile runs cannot take "
+                f"a path with spaces or quotes"
+            )
+            path = safe
+        cache.path = path
+        cache.note = "; ".join(n for n in (cache.note, cache.check_for_crashes()) if n)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return cache
 
 
 def compile_notes(cfg, modes: list[str], device: torch.device) -> list[str]:
@@ -152,6 +241,7 @@ class CompiledStep:
         amp_dtype: autocast dtype, or None for float32.
         modes: ``torch.compile`` modes to try in order (``compile_modes``); empty: eager.
         ema_module: the EMA copy of the model, compiled for evaluation alongside the model.
+        cache: the kernel cache, repaired once (and the mode tried again) when a compile fails.
     """
 
     def __init__(
@@ -163,6 +253,7 @@ class CompiledStep:
         amp_dtype: Optional[torch.dtype],
         modes: list[str],
         ema_module: Optional[nn.Module] = None,
+        cache: Optional[CompileCache] = None,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -173,6 +264,7 @@ class CompiledStep:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.ema_module = ema_module
         self._optimizer_stepped = False
+        self.cache = cache
         self._use(list(modes))
 
     @property
@@ -208,11 +300,16 @@ class CompiledStep:
         except Exception as e:  # an Inductor, Triton or CUDA-graph failure must not stop the run
             if self._optimizer_stepped:  # not a compile failure: the step itself went wrong
                 raise
-            failed = self.mode
-            self._use(self.modes[1:])
-            note = f"torch.compile(mode={failed!r}) failed ({_first_line(e)}); continuing with " + (
-                f"mode={self.mode!r}" if self.mode else "the model run eagerly"
-            )
+            repaired = self.cache.repair(e) if self.cache is not None else ""
+            if repaired:  # the same mode again, from a fresh cache
+                self._use(self.modes)
+                note = repaired
+            else:
+                failed = self.mode
+                self._use(self.modes[1:])
+                note = f"torch.compile(mode={failed!r}) failed ({first_line(e)}); continuing with " + (
+                    f"mode={self.mode!r}" if self.mode else "the model run eagerly"
+                )
             spent = synced_time(self.device) - start
             retry = self(x, targets)
             return StepResult(retry.loss, retry.correct, spent + retry.compile_seconds, _join(note, retry.note))
@@ -249,12 +346,7 @@ class CompiledStep:
         its compiled step). Returns what to say."""
         self._eval = EvalModels(self.model, self.ema_module)
         self._eval_proven = True
-        return f"the compiled evaluation failed ({_first_line(error)}); evaluating with the models run eagerly"
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}"
+        return f"the compiled evaluation failed ({first_line(error)}); evaluating with the models run eagerly"
 
 
 def _join(*notes: str) -> str:

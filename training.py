@@ -74,9 +74,7 @@ class DivergenceError(RuntimeError):
     """The loss or the weights became NaN or infinite; nothing of that epoch was saved."""
 
     @classmethod
-    def at(
-        cls, epoch: int, steps_per_epoch: int, bad_step: int, loss: float, latest: Path, has_latest: bool
-    ) -> DivergenceError:
+    def at(cls, epoch: int, steps_per_epoch: int, bad_step: int, loss: float, latest: Path) -> DivergenceError:
         """The error for epoch ``epoch``: ``bad_step`` is the first step with a non-finite loss (-1:
         the loss stayed finite, the weights did not)."""
         where = (
@@ -86,7 +84,7 @@ class DivergenceError(RuntimeError):
         )
         last = (
             f"The last good checkpoint is {latest} (epoch {epoch - 1})"
-            if has_latest
+            if latest.exists()
             else "No epoch had finished, so there is no checkpoint"
         )
         return cls(
@@ -114,7 +112,8 @@ class Trainer:
         self.files = RunFiles(cfg)
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self._compile_modes = compile_modes(use_compile, self.device, cfg.cuda_graphs, cfg.autotune)
-        configure_process(self.device, self.paths.compile_cache if self._compile_modes and cfg.compile_cache else None)
+        cache = self.paths.compile_cache if self._compile_modes and cfg.compile_cache else None
+        self.compile_cache = configure_process(self.device, cache)
         self.compile_clock = CompileClock()  # compiling (and recording CUDA graphs) in this session
         self._interrupted = False  # an epoch started and did not finish: memory is not a checkpoint
         self._cpu_estimate_due = self.device.type == "cpu"
@@ -133,12 +132,11 @@ class Trainer:
         self.files.test_images = len(data.x_test)  # best epochs compared in whole images
         self.columns = self.csv_columns()  # read once: the model's layers never change
         self.console.hardware_warnings(self.device, self.amp_dtype, cpu_has_native_bf16())
-        for note in compile_notes(cfg, self._compile_modes, self.device):
-            self.console.say(f"note: {note}")
+        self.console.notes(self.compile_cache.note, *compile_notes(cfg, self._compile_modes, self.device))
 
     def _build_state(self) -> None:
         """The run's parts (recipe.build_run), compiled step and counters as a fresh run starts them."""
-        self.parts = p = build_run(self.cfg, self.data, compile=bool(self._compile_modes))
+        self.parts = p = build_run(self.cfg, self.data, bool(self._compile_modes), self.compile_cache.repair)
         self.model, self.ema, self.optimizer, self.lr, self.scaler = p.model, p.ema, p.optimizer, p.lr, p.scaler
         self.augment, self.train_loader, self.mixup = p.augment, p.train_loader, p.mixup
         self.compiled_step = CompiledStep(
@@ -149,6 +147,7 @@ class Trainer:
             p.amp_dtype,
             self._compile_modes,
             self.ema.module if self.ema is not None else None,
+            self.compile_cache,
         )
         self._augment_compiled = False
         self.epoch = 0  # completed epochs
@@ -215,13 +214,16 @@ class Trainer:
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         self.mixup.load_state_dict(rng["mixup"])
-        if rng["device_type"] != self.device.type:
+        if rng.get("device_type") != self.device.type:  # None: written by the first version, which did not say
             self.train_loader.generator.manual_seed(self.cfg.seed * RESEED_STRIDE + self.epoch)
-            return (
-                f"checkpoint written on {rng['device_type']}, resumed on {self.device.type}: "
-                f"the loader's random stream is re-seeded, so batches differ from an uninterrupted run"
+            written = (
+                f"written on {rng['device_type']}" if rng.get("device_type") else "of an earlier version (no device)"
             )
-        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            return (
+                f"checkpoint {written}, resumed on {self.device.type}: the loader's random stream is re-seeded, "
+                f"so batches differ from an uninterrupted run"
+            )
+        if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.train_loader.load_state_dict(rng["loader"])
         return ""
@@ -313,9 +315,6 @@ class Trainer:
         self.step += 1
         return out.loss, out.correct
 
-    def _augment_compiling(self) -> bool:
-        return self.augment.compiled is not None and not self._augment_compiled
-
     def train_epoch(self) -> dict:
         """One pass over the training set; metrics stay on the device (no per-step sync). Raises
         ``DivergenceError`` if the loss or the weights are no longer finite."""
@@ -326,11 +325,14 @@ class Trainer:
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         seen = 0
         bar = self.console.epoch_bar(self.steps_per_epoch, self.epoch + 1)
-        start = fetched = synced_time(self.device) if self._augment_compiling() else time.perf_counter()
+        augment_compiling = self.augment.compiled is not None and not self._augment_compiled  # a failure clears it
+        self.compile_cache.begin(bool(self._compile_modes) and not self.compiled_step.eval_proven)
+        start = fetched = synced_time(self.device) if augment_compiling else time.perf_counter()
         for i, (x, y) in enumerate(self.train_loader):
-            if i == 0 and self._augment_compiling():  # the first batch compiles the augmentation
+            if i == 0 and augment_compiling:  # the first batch compiled the augmentation, or failed and fell back
                 self._augment_compiled = True
                 self.compile_clock.charge(synced_time(self.device) - fetched)
+                self.console.notes(*self.augment.notes())
             x, targets = self.mixup(x, y)
             loss, step_correct = self.train_step(x, targets)
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), self.step, first_bad_step)
@@ -363,8 +365,7 @@ class Trainer:
         }
 
     def _diverged(self, bad_step: int, loss: float) -> None:
-        has_latest = self.paths.latest.exists()
-        error = DivergenceError.at(self.epoch + 1, self.steps_per_epoch, bad_step, loss, self.paths.latest, has_latest)
+        error = DivergenceError.at(self.epoch + 1, self.steps_per_epoch, bad_step, loss, self.paths.latest)
         self.files.log(f"DIVERGED: {error}")
         raise error
 
@@ -414,6 +415,7 @@ class Trainer:
         except KeyboardInterrupt:
             saved = self.epoch if self.paths.latest.exists() else None
             raise TrainingInterrupted(epoch, self.step, self.paths.latest, saved) from None
+        self.compile_cache.end()  # this epoch's compiles finished: the cache holds whole kernels
         self.console.epoch_seconds.append(time.perf_counter() - wall - stats["compile_seconds"])
         self.console.epoch_line(self.epoch, self.cfg.epochs, stats, self.best.acc, self.best.epoch)
         self.console.epoch_done(self.device, stats, self.cfg.epochs - self.epoch, self.paths.csv)
@@ -428,8 +430,7 @@ class Trainer:
         if epoch != self.epoch + 1:
             raise ValueError(f"epoch {epoch} is not the next one (completed: {self.epoch})")
         note = self.files.check_lock()  # refuses if a newer trainer took this run over
-        if note:
-            self.console.say(f"note: {note}")
+        self.console.notes(note)
 
     def _timed_evaluation(self) -> dict:
         """``evaluate()`` with its seconds; the first evaluation of compiled models is compile time."""
@@ -451,8 +452,7 @@ class Trainer:
         stats["checkpoint_seconds"] = time.perf_counter() - start
         row = history.row(self.columns, self.epoch, stats, alphas(self.model), gains(self.model))
         note = self.files.record(row, latest, best=improved, final=self.epoch >= self.cfg.epochs)
-        if note:
-            self.console.say(f"note: {note}")
+        self.console.notes(note)
         return row
 
     def csv_columns(self) -> list[str]:
@@ -490,6 +490,4 @@ class Trainer:
                 "config: " + json.dumps(self.cfg.to_dict()),
             ],
         )
-        for note in notes:
-            if note:
-                self.console.say(f"note: {note}")
+        self.console.notes(*notes)

@@ -149,3 +149,12 @@ def show(path: str | Path) -> None:
         display(Image(filename=str(path)))
     else:
         print(f"[figure] {path}")
+
+
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (the type alone when the message is empty), printable."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return f"{type(error).__name__} (no message; the log above it may say more)"
+    text = lines[0].encode("utf-8", "backslashreplace").decode("utf-8")  # bytes of a damaged file, printable
+    return f"{type(error).__name__}: {text[:300]}"

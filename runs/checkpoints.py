@@ -16,7 +16,7 @@ from runs.atomic import atomic_copy, atomic_write
 CHECKPOINT_FORMAT = 1
 # What a resumable checkpoint must hold (the rng entry: its own keys); checked when it is read.
 LATEST_KEYS = ("config", "model", "optimizer", "scaler", "epoch", "step", "best_acc", "best_epoch", "rng")
-RNG_KEYS = ("device_type", "torch", "loader", "mixup")
+RNG_KEYS = ("torch", "loader", "mixup")  # and "device_type", which the first version did not write
 
 
 class ConfigMismatchError(ValueError):

@@ -66,6 +66,12 @@ class Console:
         if echo and self.mode != "off":
             (utils.tqdm.write if self.mode == "bars" else print)(line)
 
+    def notes(self, *notes: str) -> None:
+        """Say each non-empty note as ``note: ...``."""
+        for note in notes:
+            if note:
+                self.say(f"note: {note}")
+
     def hardware_warnings(self, device: torch.device, amp_dtype: Optional[torch.dtype], native_bf16: bool) -> None:
         """Said once, before training: a CPU is slow, and bf16 without native support slower still."""
         if device.type != "cpu":

@@ -270,7 +270,7 @@ class RunFiles:
         if not self.session:
             self._unlogged.append(stamped)
             return
-        with open(self.paths.log, "a") as f:
+        with open(self.paths.log, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(stamped + "\n")
 
     def start_session(self, how: str, header: list[str]) -> None:
@@ -285,7 +285,7 @@ class RunFiles:
         for line in header if first else []:
             self.log(line)
         if self._unlogged:
-            with open(self.paths.log, "a") as f:
+            with open(self.paths.log, "a", encoding="utf-8", errors="backslashreplace") as f:
                 f.writelines(line + "\n" for line in self._unlogged)
             self._unlogged.clear()
 

@@ -45,7 +45,7 @@ class DamagedLockError(RunLockedError):
     """The lock file holds something no trainer writes; it says how to clear it."""
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -183,7 +183,7 @@ class RunLock:
         if holder.get("stale"):
             return True
         if holder["host"] == socket.gethostname():
-            return holder["pid"] == os.getpid() or not _process_alive(holder["pid"])
+            return holder["pid"] == os.getpid() or not process_alive(holder["pid"])
         if abs(time.time() - holder["heartbeat"]) <= STALE_SECONDS:  # fresh by this clock: alive
             return False
         return self._stopped_beating(holder)
@@ -211,7 +211,7 @@ class RunLock:
         if holder is None or holder.get("stale") or holder.get("token") == self.token:
             return None
         if holder["host"] == socket.gethostname():
-            return holder if holder["pid"] != os.getpid() and _process_alive(holder["pid"]) else None
+            return holder if holder["pid"] != os.getpid() and process_alive(holder["pid"]) else None
         return holder if abs(time.time() - holder["heartbeat"]) <= STALE_SECONDS else None
 
     def acquire(self) -> None:

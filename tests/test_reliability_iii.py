@@ -139,3 +139,171 @@ def test_r3_a_trainer_whose_lock_was_taken_over_writes_nothing(cifar, tmp_path, 
     assert socket.gethostname() != "another-host"
     again = Trainer(tiny(tmp_path / "b", epochs=1), cifar, **QUIET)
     train_all(again)
+
+
+class FakeClock:
+    """``time`` as the trainer sees it, where a compile attempt takes ``compile_seconds`` of clock."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self):
+        self.now += 0.001
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_r12_a_failed_compiled_augmentation_counts_as_compile_time_not_training_time(cifar, tmp_path, monkeypatch):
+    import training
+
+    clock = FakeClock()
+    monkeypatch.setattr(training, "time", clock)
+    monkeypatch.setattr(training, "synced_time", lambda device: clock.perf_counter())
+    t = Trainer(tiny(tmp_path, epochs=1), cifar, progress="lines")
+    t.resume()
+
+    def failing_compile(x, **params):
+        clock.now += 100.0  # the attempt (Inductor) takes a while, then fails
+        raise RuntimeError("inductor exploded\nlong traceback")
+
+    t.augment.compiled = failing_compile  # as a failing torch.compile of the transform would
+    with pytest.warns(UserWarning, match="compiled augmentation failed"):
+        t.run_epoch(1)
+    row = rows(t.paths.csv)[0]
+    assert float(row["compile_seconds"]) >= 100 and float(row["train_seconds"]) < 100  # kept apart
+    assert float(row["images_per_second"]) > len(cifar.x_train) / 100  # not slowed by the attempt
+    log = t.paths.log.read_text()
+    assert "the compiled augmentation failed (RuntimeError: inductor exploded)" in log and "compile time" in log
+
+
+def test_r13_a_checkpoint_of_the_first_version_without_a_device_type_resumes(cifar, tmp_path):
+    import torch
+
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, **QUIET)
+    t.resume()
+    t.run_epoch(1)
+    t.close()
+    state = torch.load(t.paths.latest, weights_only=True)
+    del state["rng"]["device_type"], state["rng"]["cuda"]  # what the first notebook version wrote
+    torch.save(state, t.paths.latest)
+    again = Trainer(tiny(tmp_path, epochs=2), cifar, progress="lines")
+    assert again.resume() == 1
+    train_all(again)
+    assert [r["epoch"] for r in rows(again.paths.csv)] == ["1", "2"]
+    assert "of an earlier version (no device), resumed on cpu: the loader's random stream is re-seeded" in (
+        again.paths.log.read_text()
+    )
+
+
+# --- R6, R7: the kernel cache -----------------------------------------------------------------------
+
+
+def test_r7_a_compile_failure_with_a_cache_repairs_it_once_and_retries_the_same_mode(tmp_path, monkeypatch):
+    import torch
+
+    import recipe
+    from config import Config
+    from step import CompileCache, CompiledStep
+
+    cache_dir = tmp_path / "compile_cache"
+    (cache_dir / "fxgraph").mkdir(parents=True)
+    (cache_dir / "fxgraph" / "entry").write_bytes(b"\xff\xfe damaged")
+    cache = CompileCache(cache_dir)
+    calls = {"n": 0}
+
+    def compile_failing_once(module, **kw):
+        calls["n"] += 1
+        if calls["n"] <= 2:  # the first compile (step and eval models) reads the damaged cache
+
+            class Damaged(torch.nn.Module):
+                def forward(self, *a, **k):
+                    raise RuntimeError("")  # Inductor's empty message on a damaged file
+
+            return Damaged()
+        return module  # afresh: it works (run as the module itself)
+
+    monkeypatch.setattr(torch, "compile", compile_failing_once)
+    torch.manual_seed(0)
+    model = recipe.build_model(Config(dim=16, depth=1, heads=2, drop_path=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step = CompiledStep(
+        model, optimizer, torch.amp.GradScaler("cpu", enabled=False), 1.0, None, ["default"], None, cache
+    )
+    out = step(torch.randn(4, 3, 32, 32), torch.softmax(torch.randn(4, 10), -1))
+    assert step.mode == "default"  # the same mode again, not a fall back to eager
+    assert "with the kernel cache" in out.note and "may be damaged" in out.note and "no message" in out.note
+    asides = list(tmp_path.glob("compile_cache.*.damaged"))
+    assert len(asides) == 1 and (asides[0] / "fxgraph" / "entry").exists() and not cache_dir.exists()
+    assert cache.repair(RuntimeError("again")) == ""  # once per process: a second failure falls back
+
+
+def test_r7_a_process_that_died_while_compiling_gets_its_cache_moved_aside(tmp_path):
+    import subprocess
+    import sys
+
+    from step import CompileCache, configure_process
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache_dir = tmp_path / "compile_cache"
+    cache_dir.mkdir()
+    (cache_dir / f".compiling-{socket.gethostname()}-{dead.pid}").touch()  # it crashed mid-compile
+    (cache_dir / "kernel.so").write_bytes(b"half a kernel")
+    cache = configure_process(__import__("torch").device("cpu"), cache_dir)
+    assert "stopped while compiling" in cache.note and "moved to" in cache.note
+    assert not (cache_dir / "kernel.so").exists() and len(list(tmp_path.glob("compile_cache.*.damaged"))) == 1
+    live = CompileCache(tmp_path / "other")
+    live.begin()
+    marker = next((tmp_path / "other").glob(".compiling-*"))
+    assert CompileCache(tmp_path / "other").check_for_crashes() == ""  # a live compiler's marker: left alone
+    live.end()
+    assert not marker.exists()
+
+
+CACHE_CHILD = """
+import sys
+sys.path[:0] = {path!r}
+import json
+from config import Config
+from recipe import load_data
+from training import Trainer
+cfg = Config.from_dict(json.loads(sys.argv[1]))
+t = Trainer(cfg, load_data(cfg), progress="lines")
+for epoch in t.remaining_epochs():
+    t.run_epoch(epoch)
+print("MODE", t.compile_mode)
+"""
+
+
+@pytest.mark.slow  # two cold compiles in child processes
+def test_r6_r7_a_checkpoint_dir_with_a_space_compiles_and_a_crashed_compile_is_repaired(tmp_path, fake_cifar):
+    import hashlib
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = tmp_path / "my runs"  # a space: the C++ compiler's command line breaks on it
+    key = hashlib.sha1(bytes((root / "checkpoint" / "compile_cache").resolve())).hexdigest()
+    cache = Path(tempfile.gettempdir()) / "dyt_cifar10_compile_cache" / key  # where it goes instead
+    child = CACHE_CHILD.format(path=sys.path)
+    outputs = []
+    for name in ("first", "second"):
+        cfg = tiny(root, run_name=name, epochs=1, compile=True, compile_cache=True, data_dir=str(fake_cifar),
+                   download=False, clean_train_images=0)  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", child, json.dumps(cfg.to_dict())], capture_output=True,
+                              text=True, timeout=900)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout)
+        if name == "first":
+            assert "MODE default" in done.stdout and "cannot take a path with spaces" in done.stdout  # R6
+            assert not list(cache.glob(".compiling-*"))  # its compiles finished: no marker left
+            dead = subprocess.Popen([sys.executable, "-c", "pass"])
+            dead.wait()
+            (cache / f".compiling-{socket.gethostname()}-{dead.pid}").touch()  # then a process died compiling
+    assert "MODE default" in outputs[1] and "stopped while compiling" in outputs[1]  # R7: moved aside, compiled
+    assert len(list(cache.parent.glob(f"{cache.name}.*.damaged"))) == 1
+    for folder in cache.parent.glob(f"{cache.name}*"):  # the system's temp folder is not the test's
+        __import__("shutil").rmtree(folder)
