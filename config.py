@@ -208,6 +208,22 @@ def check_field_names(names) -> None:
         raise ValueError(f"unknown config field(s): {', '.join(hints)}. The fields are: {', '.join(known)}")
 
 
+def check_parameter_names(given, known) -> None:
+    """Raise ``ValueError`` for each name in ``given`` (parameters a run was started with, e.g. papermill's
+    ``-p``) that is not in ``known``, naming the closest known one: a misspelled parameter must stop the
+    run, not leave it on a default (papermill itself only warns)."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        hints = []
+        for n in unknown:
+            close = difflib.get_close_matches(n, sorted(known), n=1)
+            hints.append(f"{n!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"unknown notebook parameter(s): {', '.join(hints)}. The parameters are: {', '.join(sorted(known))}; "
+            f"any other Config field goes in overrides"
+        )
+
+
 def parse_overrides(overrides: dict | str | None) -> dict:
     """A dict of field -> value, or the same as a JSON string (papermill ``-p overrides '{...}'``)."""
     if overrides is None or overrides == "":

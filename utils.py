@@ -158,3 +158,28 @@ def first_line(error: BaseException) -> str:
         return f"{type(error).__name__} (no message; the log above it may say more)"
     text = lines[0].encode("utf-8", "backslashreplace").decode("utf-8")  # bytes of a damaged file, printable
     return f"{type(error).__name__}: {text[:300]}"
+
+
+def injected_parameters() -> set[str]:
+    """The names papermill injected into this kernel (its last "# Parameters" cell, from IPython's input
+    history); empty outside IPython or when the notebook was not started with parameters."""
+    try:
+        history = get_ipython().user_ns.get("In", [])  # noqa: F821 (IPython's builtin)
+    except NameError:
+        return set()
+    import ast
+
+    for source in reversed(history):
+        if source.lstrip().startswith("# Parameters"):
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                return set()
+            return {
+                t.id
+                for node in tree.body
+                if isinstance(node, ast.Assign)
+                for t in node.targets
+                if isinstance(t, ast.Name)
+            }
+    return set()

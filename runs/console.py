@@ -76,10 +76,17 @@ class Console:
         """Said once, before training: a CPU is slow, and bf16 without native support slower still."""
         if device.type != "cpu":
             return
+        threads = torch.get_num_threads()
         self.say(
-            f"WARNING: training on the CPU ({utils.plural(torch.get_num_threads(), 'thread')}), not a GPU. "
-            f"The time per epoch is estimated after the first {CPU_ESTIMATE_STEPS} steps. The default model "
-            f"needs days here; the README's 'On a CPU' settings finish in minutes."
+            f"WARNING: training on the CPU ({utils.plural(threads, 'thread')}), not a GPU. The time per epoch is "
+            f"estimated after the first {CPU_ESTIMATE_STEPS} steps. The default model needs days here; the "
+            f"notebook's one-line CPU setting (docs/running.md, 'On a CPU') finishes in minutes."
+            + (
+                " On a busy machine one thread can be several times faster than several: if the estimate looks "
+                "far off, run torch.set_num_threads(1) before building the trainer and compare."
+                if threads > 1
+                else ""
+            )
         )
         if amp_dtype == torch.bfloat16 and not native_bf16:
             self.say(

@@ -304,3 +304,36 @@ def test_first_cell_adopts_no_other_clone(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="git clone"):
         exec(_bootstrap_source(), {})
     assert Path.cwd() == tmp_path / "blank"
+
+
+@pytest.mark.slow
+def test_a_misspelled_papermill_parameter_stops_with_the_closest_one(tmp_path):
+    import papermill
+
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=20)
+    with pytest.raises(papermill.PapermillExecutionError, match="unknown notebook parameter.*did you mean 'epochs'"):
+        _execute(tmp_path, "misspelled", data_dir=str(data), epoch=1, log_dir=str(tmp_path))
+    assert not list(tmp_path.glob("**/*.pth"))  # nothing trained on the default 200 epochs
+
+
+def test_the_notebook_knows_every_parameter_of_its_parameters_cell():
+    from config import check_parameter_names
+
+    tagged = next(c for c in _cells() if "parameters" in c.get("metadata", {}).get("tags", []))
+    namespace: dict = {}
+    exec("".join(tagged["source"]), namespace)
+    names = {k for k in namespace if not k.startswith("__")}
+    config_cell = next(c for c in _cells() if "check_parameter_names(" in "".join(c["source"]))
+    scope: dict = {}
+    tree = ast.parse("".join(config_cell["source"]))
+    for node in tree.body:  # the dict of Config parameters and the notebook's own ones, as the cell builds them
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") in ("parameters", "NOTEBOOK_PARAMETERS"):
+            value = node.value
+            scope[node.targets[0].id] = (
+                [k.arg for k in value.keywords] if isinstance(value, ast.Call) else ast.literal_eval(value)
+            )
+    known = [*scope["parameters"], *scope["NOTEBOOK_PARAMETERS"]]
+    assert set(known) == names
+    check_parameter_names(names, known)
+    with pytest.raises(ValueError, match=r"'epoch' \(did you mean 'epochs'\?\)"):
+        check_parameter_names({"epoch"}, known)

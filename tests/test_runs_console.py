@@ -1,5 +1,7 @@
-"""What a run shows (console.py): one line per epoch, the evaluation bar, the CPU estimates, the live
+"""What a run shows (runs/console.py): one line per epoch, the evaluation bar, the CPU estimates, the live
 curves redrawn in place, and the stop button's short message."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,8 @@ from conftest import tiny, train_all
 from runs import console
 from runs.console import Console, LiveCurves
 from training import Trainer, TrainingInterrupted
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_lines_mode_prints_each_epoch_and_the_cpu_estimates_with_evaluation(cifar, tmp_path, capsys):
@@ -127,3 +131,19 @@ def test_console_words(capsys):
     c.cpu_estimate(0.5, 10, 1)
     assert lines == ["CPU estimate: about 5s per epoch of training, 5s for the 1 epoch left (evaluation not included)."]
     assert utils.plural(1, "thread") == "1 thread" and utils.plural(2, "warmup step") == "2 warmup steps"
+
+
+def test_the_cpu_warning_names_the_thread_setting_and_a_real_pointer(monkeypatch):
+    from runs.console import Console
+
+    lines = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    Console("off", lines.append).hardware_warnings(torch.device("cpu"), None, False)
+    assert "(2 threads)" in lines[0] and "torch.set_num_threads(1)" in lines[0]
+    assert "docs/running.md, 'On a CPU'" in lines[0] and "**On a CPU.**" in (ROOT / "docs" / "running.md").read_text()
+    lines.clear()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    Console("off", lines.append).hardware_warnings(torch.device("cpu"), None, False)
+    assert "(1 thread)" in lines[0] and "set_num_threads" not in lines[0]
+    Console("off", lines.append).hardware_warnings(torch.device("cuda"), None, False)
+    assert len(lines) == 1  # nothing said on a GPU
