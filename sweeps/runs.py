@@ -234,16 +234,26 @@ def group_stats(table, by: list[str]):
     return stats.reset_index()
 
 
+def setting(value) -> str:
+    """A swept setting as a person wrote it: ``3e-3`` -> ``0.003``, ``2e-5`` -> ``2e-05``, ``5.0`` -> ``5``."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def show(table) -> None:
     """The table, the group statistics and the plot, in a notebook or a terminal."""
     import utils
 
     scores = ("final_acc", "best_acc", "last5_acc", "ema_last5_acc", "minutes")
-    columns = [c for c in ("run_name", *table.attrs.get("fields", []), "status", "epochs", *scores) if c in table]
-    print(table[columns].to_string(index=False, float_format="{:.2f}".format))
+    fields = table.attrs.get("fields", [])
+    columns = [c for c in ("run_name", *fields, "status", "epochs", *scores) if c in table]
+    swept = {f: setting for f in fields if f in table}  # a setting as it was given: 0.003 and 2e-05, not 0.00 twice
+    print(table[columns].to_string(index=False, float_format="{:.2f}".format, formatters=swept))
     groups = table.attrs["groups"]
     print("\nper group (mean and std over seeds):")
-    print(groups.to_string(index=False, float_format="{:.2f}".format) if len(groups) else "(no finished run yet)")
+    shown = groups.to_string(
+        index=False, float_format="{:.2f}".format, formatters={f: setting for f in fields if f in groups}
+    )
+    print(shown if len(groups) else "(no finished run yet)")
     for _, row in table[table["status"].isin(["failed", "diverged"])].iterrows():
         print(f"\n{row['run_name']} {row['status']}: {row.get('error', '')}")
     elsewhere = table[table["status"] == ELSEWHERE]

@@ -236,3 +236,18 @@ def test_r9_address_auto_without_a_cluster_says_so_in_one_line(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert exit_code.value.code == 2 and "no running Ray cluster found for --address auto" in err
     assert "ray start --head" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_r6_the_printed_table_shows_swept_settings_as_written(tmp_path, capsys):
+    import pandas as pd
+
+    table = pd.DataFrame(
+        {"run_name": ["a", "b"], "lr": [0.003, 2e-05], "status": ["finished", "finished"], "epochs": [1, 1],
+         "final_acc": [55.123, 10.0]}
+    )  # fmt: skip
+    groups = pd.DataFrame({"lr": [0.003, 2e-05], "final_acc_mean": [55.123, 10.0], "runs": [1, 1]})
+    table.attrs.update(fields=["lr"], groups=groups, plot=tmp_path / "none.png")
+    sweeps.show(table)
+    out = capsys.readouterr().out
+    assert "0.003" in out and "2e-05" in out and " 0.00 " not in out  # lr by magnitude, not 0.00 twice
+    assert "55.12" in out  # scores keep two decimals
