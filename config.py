@@ -163,6 +163,9 @@ class Config:
     checkpoint_dir: str = _field("checkpoint", path, resumable=True)  # <run>_latest.pth (every epoch), <run>_best.pth
     log_dir: str = _field("log", path, resumable=True)  # <run>.csv, <run>.log, <run>_config.json
     plot_dir: str = _field("plots", path, resumable=True)  # <run>_training.png and the notebook's figures
+    tensorboard: bool = _field(
+        False, boolean, resumable=True
+    )  # also <log_dir>/tb/<run> (needs: pip install tensorboard)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -10,6 +10,7 @@ per-epoch CSV, the text log, the run lock, and the checks that a file belongs to
     log/<run>.log                 the text log
     log/<run>_config.json         the config
     log/<run>_result.json         a sweep's summary of the run (sweeps/)
+    log/tb/<run>/                 TensorBoard's copy of the CSV's numbers (tensorboard=True)
     plots/<run>_<what>.png        figures
 """
 
@@ -36,6 +37,7 @@ from runs.checkpoints import (
 )
 from runs.history import append_csv, repair_csv
 from runs.lock import RunLock
+from runs.tensorboard_log import TensorBoardLog
 
 
 def set_aside(path: Path, why: str) -> Optional[Path]:
@@ -128,6 +130,11 @@ class RunPaths:
         return self.plot_dir / f"{self.name}_{what}.png"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard's event files of the run (``tensorboard=True``)."""
+        return self.log_dir / "tb" / self.name
+
+    @property
     def compile_cache(self) -> Path:
         """torch.compile's kernel cache, shared by every run with this checkpoint folder."""
         return self.checkpoint_dir / "compile_cache"
@@ -147,6 +154,7 @@ class RunFiles:
         self.session = False  # the log's session line is written: lines go straight to the log
         self.best = BestRecord()  # the run's best epoch so far (restore_best, consider)
         self.test_images = 0  # how many test images an accuracy counts (0: compare them as floats)
+        self.board = TensorBoardLog(self.paths.tensorboard) if cfg.tensorboard else None  # checks the package now
         self._unlogged: list[str] = []  # lines said before it, written after it
 
     def open(self) -> list[str]:
@@ -168,6 +176,8 @@ class RunFiles:
         try:
             self.writer.wait()
         finally:
+            if self.board is not None:
+                self.board.close()
             self.lock.release()
             self.opened = self.session = False
 
@@ -305,6 +315,8 @@ class RunFiles:
         note = self.check_lock()
         self.writer.wait()
         append_csv(self.paths.csv, row)
+        if self.board is not None:
+            self.board.write(row)
         self.writer.submit(self.paths.latest, latest, (self.paths.best,) if best else ())
         if final:
             self.writer.wait()

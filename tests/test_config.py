@@ -58,6 +58,7 @@ BAD_VALUES = {
     "checkpoint_dir": "",
     "log_dir": 3,
     "plot_dir": None,
+    "tensorboard": "on",
 }
 
 
