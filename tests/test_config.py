@@ -157,3 +157,13 @@ def test_a_checkpoint_from_before_a_field_existed_resumes_at_that_fields_default
     del saved["ema_decay"], saved["pool"]  # written by an older version
     assert config_differences(saved, Config()) == {}
     assert config_differences(saved, Config(pool="gap")) == {"pool": ("cls", "gap")}
+
+
+def test_the_docs_list_every_field_that_may_change_within_a_run():
+    from pathlib import Path
+
+    from config import RESUMABLE_CHANGES
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "running.md").read_text()
+    listed = text[text.index("Only these may change within a run") :].split("anything else is refused")[0]
+    assert {f for f in RESUMABLE_CHANGES if f"`{f}`" not in listed} == set()
