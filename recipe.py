@@ -120,12 +120,22 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere and later; torch reports bf16 "supported" on a T4 (7.5) by emulating it
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this CUDA device computes bf16 in hardware. ``torch.cuda.is_bf16_supported()`` is True on
+    a T4 too, where bf16 is emulated and autocast runs several times slower than fp16."""
+    return torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY
+
+
 def amp_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype. ``"auto"``: bf16 on CUDA where supported, else fp16 (with a GradScaler);
-    float32 elsewhere, since autocast on a CPU is slower than float32 unless it has native bf16."""
+    """The autocast dtype. ``"auto"``: bf16 on CUDA cards that have it natively (compute capability 8.0
+    and later: A100, L4, H100...), fp16 with a GradScaler on older ones (T4, V100); float32 elsewhere,
+    since autocast on a CPU is slower than float32 unless it has native bf16."""
     if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
         return None
-    if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
+    if cfg.amp == "fp16" or (cfg.amp == "auto" and not native_bf16(device)):
         return torch.float16
     return torch.bfloat16
 

@@ -73,7 +73,13 @@ class Console:
                 self.say(f"note: {note}")
 
     def hardware_warnings(self, device: torch.device, amp_dtype: Optional[torch.dtype], native_bf16: bool) -> None:
-        """Said once, before training: a CPU is slow, and bf16 without native support slower still."""
+        """Said once, before training: a CPU is slow, and bf16 without native support slower still; on a
+        GPU, which autocast dtype runs (fp16 with a GradScaler on cards without native bf16, e.g. a T4)."""
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            kind = "fp16 with a GradScaler" if amp_dtype == torch.float16 else str(amp_dtype).replace("torch.", "")
+            major, minor = torch.cuda.get_device_capability(device)
+            self.say(f"autocast: {kind} on {name} (compute capability {major}.{minor})")
         if device.type != "cpu":
             return
         threads = torch.get_num_threads()

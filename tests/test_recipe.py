@@ -45,3 +45,24 @@ def test_build_run_is_seeded_and_mimetic_scaling_happens_there(cifar, tmp_path):
     unscaled = build_run(tiny(tmp_path, attn_init="mimetic", norm="ln", seed=3), cifar).model
     q = a.model.blocks[0].attn.qkv.weight  # scaled to DyT's measured input size: not LayerNorm's init
     assert not torch.equal(q, unscaled.blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize(
+    "card, capability, expected",
+    [
+        ("T4", (7, 5), torch.float16),  # torch calls bf16 supported there (emulated): fp16 + GradScaler
+        ("V100", (7, 0), torch.float16),
+        ("A100", (8, 0), torch.bfloat16),
+        ("L4", (8, 9), torch.bfloat16),
+        ("H100", (9, 0), torch.bfloat16),
+    ],
+)
+def test_amp_auto_picks_bf16_only_on_cards_that_have_it_natively(monkeypatch, tmp_path, card, capability, expected):
+    from recipe import amp_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what torch says on all five
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert amp_dtype(tiny(tmp_path, amp="auto"), cuda) == expected, card
+    assert amp_dtype(tiny(tmp_path, amp="bf16"), cuda) == torch.bfloat16  # asked for explicitly: as asked
+    assert amp_dtype(tiny(tmp_path, amp="auto"), torch.device("cpu")) is None

@@ -145,5 +145,17 @@ def test_the_cpu_warning_names_the_thread_setting_and_a_real_pointer(monkeypatch
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     Console("off", lines.append).hardware_warnings(torch.device("cpu"), None, False)
     assert "(1 thread)" in lines[0] and "set_num_threads" not in lines[0]
-    Console("off", lines.append).hardware_warnings(torch.device("cuda"), None, False)
-    assert len(lines) == 1  # nothing said on a GPU
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    Console("off", lines.append).hardware_warnings(torch.device("cuda"), torch.bfloat16, False)
+    assert lines[1:] == ["autocast: bfloat16 on NVIDIA H100 (compute capability 9.0)"]  # no CPU warning on a GPU
+
+
+def test_on_a_gpu_the_autocast_dtype_is_said_once(monkeypatch):
+    from runs.console import Console
+
+    lines = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    Console("off", lines.append).hardware_warnings(torch.device("cuda"), torch.float16, False)
+    assert lines == ["autocast: fp16 with a GradScaler on Tesla T4 (compute capability 7.5)"]
