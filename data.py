@@ -362,6 +362,7 @@ class Mixup:
         self.label_smoothing = label_smoothing
         self.num_classes = num_classes
         self.rng = random.Random(seed)
+        self.enabled = True  # False: labels smoothed, images not mixed (timm's mixup_off_epoch)
         self._weights: Optional[torch.Tensor] = None  # device buffer: (lambda, 1 - lambda) of the batch
 
     def smooth_one_hot(self, y: torch.Tensor) -> torch.Tensor:
@@ -385,6 +386,8 @@ class Mixup:
         return 1.0, None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.enabled:
+            return x, self.smooth_one_hot(y)
         lam, box = self.draw(x.shape[-2], x.shape[-1])
         if lam >= 1.0:
             return self.mix(x, y, lam, box)

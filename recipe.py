@@ -22,7 +22,7 @@ from data import CLASSES, CifarTensors, DeviceLoader, Mixup, TrainAugment, load_
 from models import DynamicTanh, ViT, scale_mimetic_to_inputs_
 from randomaug import RandAugment
 
-MAX_WARMUP_FRACTION = 0.1  # warmup never takes more than this share of the run (short runs still learn)
+MAX_WARMUP_FRACTION = 0.1  # warmup (and cooldown) never takes more than this share of the run (short runs learn)
 EMA_WARMUP = 10  # EMA decay ramps as (1 + n) / (EMA_WARMUP + n) over the first updates
 MIMETIC_IMAGES = 256  # training images (unaugmented) that size mimetic init under DyT
 
@@ -46,9 +46,13 @@ def build_model(cfg: Config) -> ViT:
         norm_layer=norm_layer(cfg),
         drop_path=cfg.drop_path,
         dropout=cfg.dropout,
+        attn_dropout=cfg.attn_dropout,
         pool=cfg.pool,
         attn_init=cfg.attn_init,
         patch_embed_init=cfg.patch_embed_init,
+        qkv_bias=cfg.qkv_bias,
+        block_style=cfg.block_style,
+        embed_init=cfg.embed_init,
     )
 
 
@@ -74,10 +78,11 @@ def load_data(cfg: Config) -> CifarTensors:
     )
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices (ndim >= 2) only; not on biases, norms/DyT parameters,
-    the positional embedding or the cls token."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+    """Weight decay on weight matrices (ndim >= 2) only; not on biases, norms/DyT parameters, nor (unless
+    ``decay_embeddings``, as timm's optimizer filter does for a model that names none) the positional
+    embedding or the cls token."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") and not decay_embeddings else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -88,7 +93,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
     kwargs = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), **kwargs)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), **kwargs)
 
 
 def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -98,16 +104,20 @@ def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
     return round(min(cfg.warmup_epochs * steps_per_epoch, MAX_WARMUP_FRACTION * total))  # no round(inf)
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
-    """Linear warmup to ``peak`` over ``warmup_steps``, then cosine to ``floor`` at ``total_steps``.
+def lr_at(
+    step: int, total_steps: int, warmup_steps: int, peak: float, floor: float, start: float = 0.0, cooldown: int = 0
+) -> float:
+    """Linear warmup from ``start`` to ``peak`` over ``warmup_steps``, then cosine to ``floor`` at
+    ``total_steps - cooldown``, then ``floor`` for the last ``cooldown`` steps (timm's cooldown epochs).
 
     A pure function of the global step: resuming needs only the step. Changing ``epochs`` changes
     ``total_steps``, which re-draws the cosine over the new length: raised before the run ends, it
     continues as if planned that long; raised after, the learning rate goes back up to the longer
-    schedule's value at that step (a warm restart); lowered, the rest of the cosine is compressed."""
+    schedule's value at that step (a warm restart); lowered, the rest of the cosine is compressed.
+    With ``start`` 0 the first step's rate is ``peak / warmup_steps``."""
     if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return start + (peak - start) * (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - cooldown - warmup_steps, 1), 1.0)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -168,14 +178,19 @@ class Schedule:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    start: float = 0.0  # where the warmup starts (warmup_lr)
+    cooldown_steps: int = 0  # at the floor after the cosine (cooldown_epochs)
 
     @classmethod
     def of(cls, cfg: Config, steps_per_epoch: int) -> Schedule:
         total = cfg.epochs * steps_per_epoch
-        return cls(cfg.lr, cfg.min_lr, steps_per_epoch, total, warmup_steps(cfg, steps_per_epoch))
+        cooldown = round(min(cfg.cooldown_epochs * steps_per_epoch, MAX_WARMUP_FRACTION * total))  # as warmup
+        return cls(
+            cfg.lr, cfg.min_lr, steps_per_epoch, total, warmup_steps(cfg, steps_per_epoch), cfg.warmup_lr, cooldown
+        )
 
     def at(self, step: int) -> float:
-        return lr_at(step, self.total_steps, self.warmup_steps, self.peak, self.floor)
+        return lr_at(step, self.total_steps, self.warmup_steps, self.peak, self.floor, self.start, self.cooldown_steps)
 
 
 @dataclass
@@ -215,7 +230,12 @@ def build_run(cfg: Config, data: CifarTensors, compile: bool = False, repair: Op
     augment = build_augment(cfg, compile=compile, repair=repair)
     loader = DeviceLoader(data.x_train, data.y_train, cfg.batch_size, train=True, augment=augment, seed=cfg.seed)
     mixup = Mixup(
-        cfg.mixup_alpha, cfg.cutmix_alpha, label_smoothing=cfg.label_smoothing, num_classes=len(CLASSES), seed=cfg.seed
+        cfg.mixup_alpha,
+        cfg.cutmix_alpha,
+        switch_prob=cfg.mixup_switch_prob,
+        label_smoothing=cfg.label_smoothing,
+        num_classes=len(CLASSES),
+        seed=cfg.seed,
     )
     return RunParts(
         model=model,

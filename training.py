@@ -319,6 +319,7 @@ class Trainer:
         """One pass over the training set; metrics stay on the device (no per-step sync). Raises
         ``DivergenceError`` if the loss or the weights are no longer finite."""
         self.model.train()
+        self.mixup.enabled = not self.cfg.mixup_off_epoch or self.epoch < self.cfg.mixup_off_epoch  # 0-based, as timm
         compiling_before = self.compile_clock.seconds
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)

@@ -22,6 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+BLOCK_STYLES = ("prenorm", "cct")
+POOLS = ("cls", "gap", "seq")
+PATCH_EMBED_INITS = ("trunc_normal", "pytorch", "kaiming_normal")
+EMBED_INITS = ("timm", "cct")
 NormLayer = Callable[[int], nn.Module]  # dim -> norm module, e.g. nn.LayerNorm or partial(DynamicTanh, ...)
 
 
@@ -88,15 +92,16 @@ class Attention(nn.Module):
         heads: number of attention heads.
         attn_drop: dropout on the attention weights (training only).
         proj_drop: dropout after the output projection.
+        qkv_bias: a bias on the query, key and value projections (Compact Transformers have none).
     """
 
-    def __init__(self, dim: int, heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, dim: int, heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0, qkv_bias: bool = True):
         super().__init__()
         assert dim % heads == 0, f"dim {dim} must be divisible by heads {heads}"
         self.heads = heads
         self.head_dim = dim // heads
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = _dropout(proj_drop)
 
@@ -131,7 +136,9 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+    """Transformer block. ``"prenorm"`` (timm's ViT): ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+    ``"cct"`` (Compact Transformers' encoder layer): ``x = norm2(x + attn(norm1(x)))`` then ``x + mlp(x)``,
+    the second norm on the residual stream itself.
 
     Args:
         dim: token width.
@@ -141,6 +148,8 @@ class Block(nn.Module):
         drop_path: stochastic-depth probability of this block.
         dropout: dropout in attention projection and MLP.
         attn_dropout: dropout on attention weights.
+        qkv_bias: a bias on the query, key and value projections.
+        style: ``"prenorm"`` or ``"cct"`` (see above).
     """
 
     def __init__(
@@ -152,10 +161,14 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
+        qkv_bias: bool = True,
+        style: str = "prenorm",
     ):
         super().__init__()
+        assert style in BLOCK_STYLES, style
+        self.style = style
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, heads, attn_drop=attn_dropout, proj_drop=dropout)
+        self.attn = Attention(dim, heads, attn_drop=attn_dropout, proj_drop=dropout, qkv_bias=qkv_bias)
         self.drop_path1 = _drop_path(drop_path)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, mlp_hidden, drop=dropout)
@@ -163,8 +176,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.attn(self.norm1(x)))  # (B, N, D)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x
+        if self.style == "cct":
+            x = self.norm2(x)
+            return x + self.drop_path2(self.mlp(x))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class ViT(nn.Module):
@@ -184,12 +199,19 @@ class ViT(nn.Module):
         drop_path: stochastic depth of the last block, rising linearly from 0 in the first.
         dropout: dropout after the embedding, in the attention projection and the MLP.
         attn_dropout: dropout on the attention weights.
-        pool: ``"cls"`` (a cls token, read by the head) or ``"gap"`` (no cls token; the head reads
-            the mean of the final-norm tokens).
+        pool: ``"cls"`` (a cls token, read by the head), ``"gap"`` (no cls token; the head reads the
+            mean of the final-norm tokens) or ``"seq"`` (no cls token; sequence pooling of Compact
+            Transformers: a softmax over tokens of a learned linear score weights their mean).
         attn_init: ``"default"`` (timm's truncated normal) or ``"mimetic"`` (``mimetic_init_``).
-        patch_embed_init: ``"trunc_normal"`` (std 0.02 and a zero bias, like the linear layers) or
+        patch_embed_init: ``"trunc_normal"`` (std 0.02 and a zero bias, like the linear layers),
             ``"pytorch"`` (``nn.Conv2d``'s own init, which timm's ViT and the DyT code leave alone:
-            weights uniform with std 1/sqrt(3 * fan_in), about 4x larger tokens at patch 4).
+            weights uniform with std 1/sqrt(3 * fan_in), about 4x larger tokens at patch 4) or
+            ``"kaiming_normal"`` (Compact Transformers' tokenizer: He-normal weights, the bias at
+            PyTorch's init).
+        qkv_bias: a bias on the query, key and value projections.
+        block_style: ``"prenorm"`` or ``"cct"`` (``Block``).
+        embed_init: ``"timm"`` (positional embedding and cls token truncated normal, std 0.02) or
+            ``"cct"`` (positional embedding std 0.2, cls token zeros).
     """
 
     def __init__(
@@ -209,10 +231,13 @@ class ViT(nn.Module):
         pool: str = "cls",
         attn_init: str = "default",
         patch_embed_init: str = "trunc_normal",
+        qkv_bias: bool = True,
+        block_style: str = "prenorm",
+        embed_init: str = "timm",
     ):
         super().__init__()
-        assert pool in ("cls", "gap") and attn_init in ("default", "mimetic"), (pool, attn_init)
-        assert patch_embed_init in ("trunc_normal", "pytorch"), patch_embed_init
+        assert pool in POOLS and attn_init in ("default", "mimetic"), (pool, attn_init)
+        assert patch_embed_init in PATCH_EMBED_INITS and embed_init in EMBED_INITS, (patch_embed_init, embed_init)
         self.patch_embed_init = patch_embed_init
         assert img_size % patch_size == 0 and dim % heads == 0 and mlp_ratio > 0, (img_size, patch_size, dim, heads)
         self.num_patches = (img_size // patch_size) ** 2
@@ -225,16 +250,16 @@ class ViT(nn.Module):
         mlp_hidden = int(round(dim * mlp_ratio))
         rates = [drop_path * i / (depth - 1) if depth > 1 else drop_path for i in range(depth)]
         self.blocks = nn.Sequential(
-            *[
-                Block(dim, heads, mlp_hidden, norm_layer, drop_path=r, dropout=dropout, attn_dropout=attn_dropout)
-                for r in rates
-            ]
+            *[Block(dim, heads, mlp_hidden, norm_layer, r, dropout, attn_dropout, qkv_bias, block_style) for r in rates]
         )
         self.norm = norm_layer(dim)
+        self.attention_pool = nn.Linear(dim, 1) if pool == "seq" else None  # a score per token
         self.head = nn.Linear(dim, num_classes)
         self.apply(self._init_weights)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
+        if patch_embed_init == "kaiming_normal":
+            nn.init.kaiming_normal_(self.patch_embed.weight)
+        nn.init.trunc_normal_(self.pos_embed, std=0.2 if embed_init == "cct" else 0.02)
+        if self.cls_token is not None and embed_init == "timm":  # "cct" leaves it at zeros
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         if attn_init == "mimetic":
             for block in self.blocks:
@@ -243,7 +268,7 @@ class ViT(nn.Module):
     def _init_weights(self, m: nn.Module) -> None:
         # timm's ViT: truncated normal (std 0.02) for linear weights, zero biases. The patch embedding
         # is a linear map on flattened patches: the same, unless it keeps PyTorch's own init.
-        trunc = nn.Linear if self.patch_embed_init == "pytorch" else (nn.Linear, nn.Conv2d)
+        trunc = (nn.Linear, nn.Conv2d) if self.patch_embed_init == "trunc_normal" else nn.Linear
         if isinstance(m, trunc):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
@@ -266,7 +291,11 @@ class ViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)  # (B, N+prefix, D)
-        x = x[:, 0] if self.pool == "cls" else x.mean(dim=1)  # (B, D)
+        if self.pool == "seq":
+            weights = F.softmax(self.attention_pool(x), dim=1)  # (B, N, 1)
+            x = (weights.transpose(1, 2) @ x).squeeze(1)  # (B, D)
+        else:
+            x = x[:, 0] if self.pool == "cls" else x.mean(dim=1)  # (B, D)
         return self.head(x)  # (B, num_classes)
 
 

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from config import Config, with_overrides
+from config import recipe_config
 from sweeps.local import run_sweep
 from sweeps.runs import check_sweep_name, expand, show, train_run, write_results
 
@@ -29,7 +29,10 @@ def main(argv=None) -> None:
         "--runs",
         help='JSON list of override objects, one run each (crossed with --grid), e.g. \'[{}, {"pool": "gap"}]\'',
     )
-    ap.add_argument("--overrides", default="{}", help="JSON object of Config fields shared by every run")
+    ap.add_argument("--recipe", default="default", help="the preset every run starts from (config.RECIPES)")
+    ap.add_argument(
+        "--overrides", default="{}", help="JSON object of Config fields shared by every run (win over --recipe)"
+    )
     ap.add_argument("--per-gpu", type=int, default=1, help="runs at a time on each GPU (or on the CPU)")
     ap.add_argument("--name", default="sweep", help="names the table, group statistics and plot")
     ap.add_argument(
@@ -68,7 +71,7 @@ def main(argv=None) -> None:
     try:
         listed = json.loads(args.runs) if args.runs else [{}]
         axes = json.loads(args.grid) if args.grid else {}
-        runs = expand(with_overrides(Config(), args.overrides), listed, axes)
+        runs = expand(recipe_config(args.recipe, args.overrides), listed, axes)
     except ValueError as e:  # bad JSON, an unknown field, a bad value, clashing names
         ap.error(str(e))
     try:

@@ -59,6 +59,16 @@ BAD_VALUES = {
     "log_dir": 3,
     "plot_dir": None,
     "tensorboard": "on",
+    "recipe": "cvt-7",
+    "qkv_bias": 0,
+    "block_style": "postnorm",
+    "embed_init": "vit",
+    "attn_dropout": 1.0,
+    "warmup_lr": -1e-5,
+    "cooldown_epochs": -1,
+    "decay_embeddings": "yes",
+    "mixup_switch_prob": 1.5,
+    "mixup_off_epoch": -1,
 }
 
 

@@ -337,3 +337,17 @@ def test_the_notebook_knows_every_parameter_of_its_parameters_cell():
     check_parameter_names(names, known)
     with pytest.raises(ValueError, match=r"'epoch' \(did you mean 'epochs'\?\)"):
         check_parameter_names({"epoch"}, known)
+
+
+@pytest.mark.slow
+def test_a_preset_by_name_from_papermill(tmp_path):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=20)
+    nb = _execute(
+        tmp_path, "preset", data_dir=str(data), recipe="cvt-7/4", epochs=2, dim=32, heads=2, depth=1,
+        batch_size=50, train_subset=100, device="cpu", log_dir=str(tmp_path / "log"),
+        checkpoint_dir=str(tmp_path / "ck"), plot_dir=str(tmp_path / "plots"), run_name="cvt",
+        overrides='{"verify_data": false, "download": false, "clean_train_images": 0}',
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "log" / "cvt_config.json").read_text())
+    assert saved["recipe"] == "cvt-7/4" and saved["pool"] == "seq" and saved["dim"] == 32 and saved["epochs"] == 2
+    assert "recipe 'cvt-7/4'" in _text(nb) and (tmp_path / "ck" / "cvt_latest.pth").exists()

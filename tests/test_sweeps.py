@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import sweeps
-from config import Config
+from config import RECIPES, Config
 from conftest import rows, write_fake_cifar10
 from runs import history
 from runs.files import RunPaths
@@ -251,3 +251,24 @@ def test_r6_the_printed_table_shows_swept_settings_as_written(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "0.003" in out and "2e-05" in out and " 0.00 " not in out  # lr by magnitude, not 0.00 twice
     assert "55.12" in out  # scores keep two decimals
+
+
+@pytest.mark.slow
+def test_a_sweep_starts_from_a_preset_by_name(tmp_path):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
+    small = {k: v for k, v in _base(tmp_path, data, epochs=2).to_dict().items() if k not in RECIPES["cvt-7/4"]}
+    del small["recipe"]  # the preset is named by --recipe
+    small.update(dim=32, heads=2, depth=1, batch_size=50, epochs=2)
+    sweeps_main(["--recipe", "cvt-7/4", "--overrides", json.dumps(small), "--grid", '{"norm": ["dyt", "ln"]}',
+                 "--name", "preset"])  # fmt: skip
+    for norm in ("dyt", "ln"):
+        saved = json.loads((tmp_path / "log" / f"dyt_cifar10_norm-{norm}_config.json").read_text())
+        assert saved["recipe"] == "cvt-7/4" and saved["pool"] == "seq" and saved["norm"] == norm
+        assert saved["block_style"] == "cct" and saved["epochs"] == 2
+    assert list(pd_read(tmp_path / "log" / "preset_runs.csv")["status"]) == ["finished", "finished"]
+
+
+def pd_read(path):
+    import pandas as pd
+
+    return pd.read_csv(path)

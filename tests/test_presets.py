@@ -1,0 +1,164 @@
+"""Published recipes as presets (config.RECIPES): Compact Transformers' CVT-7/4 and ViT-Lite-7/4 built with
+their published size and compute, the model parts they need checked against their reference behaviour,
+and a preset reachable by name from Python, the sweep command line and the notebook."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from config import RECIPES, Config, config_from_parameters, recipe_config
+from conftest import tiny
+from models.dyt import Block, ViT
+from recipe import build_model, build_optimizer, lr_at
+
+# Published in the Compact Transformers README (CIFAR-10 table): parameters and MACs (in G).
+PUBLISHED = {"cvt-7/4": (3_717_000, 0.236), "vit-lite-7/4": (3_717_000, 0.239)}
+
+
+def macs_of_layers(model: nn.Module, image: torch.Tensor) -> int:
+    """Multiply-accumulates of the linear and convolution layers of one forward pass, as the published
+    figures count them (layer by layer; the attention's own matrix products are not layers)."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += output.numel() // output.shape[-1] * module.in_features * module.out_features
+        else:
+            total += output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        model.eval()(image)
+    for h in hooks:
+        h.remove()
+    return total
+
+
+@pytest.mark.parametrize("name", ["cvt-7/4", "vit-lite-7/4"])
+@pytest.mark.parametrize("norm", ["ln", "dyt"])
+def test_a_preset_has_the_published_size_and_compute(name, norm):
+    cfg = recipe_config(name, {"norm": norm})
+    model = build_model(cfg)
+    parameters = sum(p.numel() for p in model.parameters())
+    published_parameters, published_gmacs = PUBLISHED[name]
+    extra = 15 if norm == "dyt" else 0  # one alpha per norm: 2 per block, 7 blocks, the final one
+    assert abs(parameters - extra - published_parameters) / published_parameters < 0.005, parameters
+    gmacs = macs_of_layers(model, torch.zeros(1, 3, 32, 32)) / 1e9
+    assert abs(gmacs - published_gmacs) / published_gmacs < 0.005, gmacs
+    assert cfg.recipe == name and cfg.norm == norm
+
+
+def test_a_preset_is_a_plain_dict_and_explicit_values_win():
+    assert RECIPES["default"] == {} and recipe_config("default") == Config()
+    assert isinstance(RECIPES["cvt-7/4"], dict) and RECIPES["cvt-7/4"]["pool"] == "seq"
+    cfg = recipe_config("cvt-7/4", {"lr": 1e-3, "epochs": 20, "cooldown_epochs": 2})
+    assert (cfg.lr, cfg.epochs, cfg.dim, cfg.pool, cfg.recipe) == (1e-3, 20, 256, "seq", "cvt-7/4")
+    with pytest.raises(ValueError, match=r"unknown recipe 'cvt-7' \(did you mean 'cvt-7/4'\?\)"):
+        recipe_config("cvt-7")
+    with pytest.raises(ValueError, match="choose the preset with the recipe parameter"):
+        recipe_config("cvt-7/4", {"recipe": "default"})
+
+
+def test_the_notebooks_parameters_keep_the_presets_values_unless_changed(tmp_path):
+    defaults = Config()
+    parameters = dict(epochs=defaults.epochs, dim=defaults.dim, lr=defaults.lr, seed=3)  # as the cell holds them
+    cfg = config_from_parameters(parameters, {"drop_path": 0.2}, tmp_path, recipe="cvt-7/4")
+    assert (cfg.epochs, cfg.dim, cfg.lr, cfg.seed, cfg.drop_path) == (310, 256, 5.5e-4, 3, 0.2)
+    assert config_from_parameters(dict(dim=128), None, tmp_path, recipe="cvt-7/4").dim == 128  # changed: wins
+
+
+def test_sequence_pooling_is_a_softmax_weighted_mean_of_the_final_tokens():
+    torch.manual_seed(0)
+    model = ViT(dim=32, depth=1, heads=2, pool="seq", norm_layer=nn.LayerNorm).eval()
+    x = torch.randn(3, 3, 32, 32)
+    tokens = model.forward_features(x)  # (B, N, D), no cls token
+    assert tokens.shape[1] == 64
+    weights = torch.softmax(tokens @ model.attention_pool.weight.T + model.attention_pool.bias, dim=1)  # (B, N, 1)
+    pooled = (weights * tokens).sum(dim=1)
+    torch.testing.assert_close(model(x), model.head(pooled))
+
+
+def test_the_cct_block_puts_the_second_norm_on_the_residual_stream():
+    torch.manual_seed(0)
+    block = Block(16, 2, 32, nn.LayerNorm, style="cct", qkv_bias=False).eval()
+    x = torch.randn(2, 5, 16)
+    # Compact Transformers' TransformerEncoderLayer.forward, written out with this block's modules:
+    src = x + block.attn(block.norm1(x))
+    src = block.norm2(src)
+    expected = src + block.mlp(src)
+    torch.testing.assert_close(block(x), expected)
+    assert block.attn.qkv.bias is None
+
+
+def test_cct_embeddings_and_tokenizer_are_initialised_as_published():
+    torch.manual_seed(0)
+    cvt = build_model(recipe_config("vit-lite-7/4", {"norm": "ln"}))
+    assert torch.count_nonzero(cvt.cls_token) == 0  # zeros
+    assert 0.17 < cvt.pos_embed.std().item() < 0.2  # truncated normal, std 0.2 (cut at +-2)
+    fan_in = 3 * 4 * 4
+    assert abs(cvt.patch_embed.weight.std().item() - math.sqrt(2 / fan_in)) < 0.01  # He normal
+    assert cvt.patch_embed.bias.abs().max().item() <= 1 / math.sqrt(fan_in)  # PyTorch's own bias init
+
+
+def test_decay_embeddings_decays_the_positional_embedding_and_cls_token_as_timm_does():
+    model = build_model(recipe_config("vit-lite-7/4", {"norm": "ln"}))
+    decay, no_decay = build_optimizer(model, recipe_config("vit-lite-7/4"), torch.device("cpu")).param_groups
+    assert any(p is model.pos_embed for p in decay["params"]) and any(p is model.cls_token for p in decay["params"])
+    assert decay["weight_decay"] == 0.06 and all(p.ndim == 1 for p in no_decay["params"])
+    default = build_model(Config())
+    decay, _ = build_optimizer(default, Config(), torch.device("cpu")).param_groups
+    assert not any(p is default.pos_embed for p in decay["params"])
+
+
+def test_warmup_from_a_rate_then_cosine_then_cooldown_at_the_floor():
+    total, warmup, cooldown = 310, 10, 10  # epochs as steps, the CVT schedule
+    lrs = [lr_at(s, total, warmup, 5.5e-4, 1e-5, start=1e-5, cooldown=cooldown) for s in range(total)]
+    assert lrs[0] == pytest.approx(1e-5 + (5.5e-4 - 1e-5) / 10) and lrs[warmup - 1] == pytest.approx(5.5e-4)
+    assert lrs[warmup] == pytest.approx(5.5e-4)  # the cosine starts at the peak
+    assert lrs[total - cooldown - 1] == pytest.approx(1e-5, abs=2e-7) and set(lrs[total - cooldown :]) == {1e-5}
+    mid = warmup + (total - cooldown - warmup) // 2
+    assert lrs[mid] == pytest.approx((5.5e-4 + 1e-5) / 2)
+    assert lr_at(0, 100, 10, 1e-3, 1e-5) == 1e-4  # start 0, no cooldown: the schedule as before
+    from recipe import Schedule
+
+    short = Schedule.of(recipe_config("cvt-7/4", {"epochs": 20}), steps_per_epoch=100)
+    assert (short.warmup_steps, short.cooldown_steps) == (200, 200)  # a short trial: both capped at 10%
+    full = Schedule.of(recipe_config("cvt-7/4"), steps_per_epoch=100)
+    assert (full.warmup_steps, full.cooldown_steps, full.start) == (1000, 1000, 1e-5)  # the published 10 + 10
+
+
+def test_mixup_is_switched_off_after_mixup_off_epoch(cifar, tmp_path):
+    from training import Trainer
+
+    t = Trainer(tiny(tmp_path, epochs=3, mixup_alpha=0.8, cutmix_alpha=1.0, mixup_off_epoch=2), cifar, progress="off")
+    seen = []
+    for epoch in t.remaining_epochs():
+        t.train_epoch()
+        seen.append((epoch, t.mixup.enabled))
+        t.epoch = epoch
+    assert [e for e, on in seen if not on] == [3] and [e for e, on in seen if on] == [1, 2]
+    x, y = cifar.x_train[:4].float(), cifar.y_train[:4]
+    images, targets = t.mixup(x, y)
+    assert torch.equal(images, x) and torch.equal(targets, t.mixup.smooth_one_hot(y))  # off: nothing mixed
+
+
+def test_every_preset_trains_two_epochs_with_either_norm(cifar, tmp_path):
+    from conftest import train_all
+    from training import Trainer
+
+    for name in ("cvt-7/4", "vit-lite-7/4"):
+        for norm in ("dyt", "ln"):
+            small = {"norm": norm, "epochs": 2, "warmup_epochs": 1, "dim": 32, "heads": 2,
+                     "depth": 2, "batch_size": 50, "eval_batch_size": 50, "device": "cpu", "verify_data": False,
+                     "compile_cache": False, "clean_train_images": 0, "checkpoint_dir": str(tmp_path / "ck"),
+                     "log_dir": str(tmp_path / "log"), "plot_dir": str(tmp_path / "plots"),
+                     "run_name": f"{name.replace('/', '-')}_{norm}"}  # fmt: skip
+            t = Trainer(recipe_config(name, small), cifar, progress="off")
+            train_all(t)
+            t.close()
+            saved = json.loads(t.paths.config.read_text())
+            assert saved["recipe"] == name and saved["pool"] == RECIPES[name]["pool"] and t.epoch == 2
