@@ -114,6 +114,9 @@ class Config:
     clean_train_images: int = _field(2_000, integer(0), resumable=True)  # train images scored unaugmented (0: off)
     # --- augmentation ---
     crop_padding: int = _field(4, integer(0, IMAGE_SIDE // 2))  # random crop of the zero-padded image (0: off)
+    resized_crop_scale: float = _field(0.0, number(lambda v: 0 <= v <= 1, "in [0, 1]"))  # >0: RandomResizedCrop
+    resized_crop_interpolation: str = _field("bilinear", one_of("bilinear", "bicubic", "random"))  # its resize
+    random_erasing: float = _field(0.0, number(lambda v: 0 <= v <= 1, "in [0, 1]"))  # timm's, mode "pixel"
     hflip: bool = _field(True, boolean)  # random horizontal flip
     randaugment: bool = _field(True, boolean)  # batched per-sample RandAugment (randomaug.py)
     randaug_ops: int = _field(2, integer(0, 10))  # RandAugment N: ops drawn per image
@@ -220,7 +223,8 @@ _COMPACT = dict(
     batch_size=128, lr=5.5e-4, min_lr=1e-5, warmup_epochs=10.0, warmup_lr=1e-5, weight_decay=0.06,
     decay_embeddings=True, grad_clip=0.0, label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0,
     mixup_switch_prob=0.5, mixup_off_epoch=175, randaug_ops=2, randaug_magnitude=9.0, randaug_magnitude_std=0.5,
-    randaug_prob=0.5, ema_decay=0.0,
+    randaug_prob=0.5, ema_decay=0.0, crop_padding=0, hflip=True, resized_crop_scale=0.8,
+    resized_crop_interpolation="random", random_erasing=0.25,
 )  # fmt: skip
 RECIPES: dict[str, dict] = {
     "default": {},  # the README's recipe

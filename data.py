@@ -10,6 +10,7 @@ checkpoints, so a resumed run sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 import random
 import warnings
@@ -213,16 +214,15 @@ def normalize(x: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tens
     """uint8 (B, C, H, W) -> float32 normalised with per-channel mean/std.
 
     The constants are copied to the device once, not per call (each copy would block the host)."""
-    if torch.compiler.is_compiling():  # traced code builds its constants (no guard on the cache below)
-        m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255.0
-        s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255.0
-        return (x.to(torch.float32) - m) / s
+
+    def constants():
+        return tuple(torch.tensor(v, device=x.device).view(1, -1, 1, 1) * 255.0 for v in (mean, std))
+
     key = (tuple(mean), tuple(std), x.device)
-    if key not in _NORMALIZE_CONSTANTS:
-        m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255.0
-        s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255.0
-        _NORMALIZE_CONSTANTS[key] = (m, s)
-    m, s = _NORMALIZE_CONSTANTS[key]
+    if torch.compiler.is_compiling():  # traced code builds its constants (no guard on the cache)
+        m, s = constants()
+    else:
+        m, s = _NORMALIZE_CONSTANTS[key] = _NORMALIZE_CONSTANTS.get(key) or constants()
     return (x.to(torch.float32) - m) / s
 
 
@@ -232,10 +232,7 @@ def draw_crop_flip(
     """Per-sample crop offsets (dy, dx) in [0, 2 * padding] and flip flags, each of shape (B,)."""
     dy = torch.randint(0, 2 * padding + 1, (batch,), device=device, generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (batch,), device=device, generator=generator)
-    if flip:
-        mirrored = torch.rand(batch, device=device, generator=generator) < 0.5
-    else:
-        mirrored = torch.zeros(batch, dtype=torch.bool, device=device)
+    mirrored = torch.rand(batch, device=device, generator=generator) < 0.5 if flip else torch.zeros_like(dy, dtype=bool)
     return dy, dx, mirrored
 
 
@@ -255,6 +252,104 @@ def crop_flip(
     b = torch.arange(B, device=dev)[:, None, None, None]
     c = torch.arange(C, device=dev)[None, :, None, None]
     return x[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+INTERPOLATIONS = ("bilinear", "bicubic", "random")  # of the resized crop; "random": either, per image (timm)
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's and timm's aspect-ratio range
+RESIZED_CROP_ATTEMPTS = 10  # torchvision's tries before its centre-crop fallback
+BICUBIC_A = -0.75  # the cubic kernel of F.interpolate(mode="bicubic")
+
+
+def draw_resized_crop(
+    batch: int, size: int, scale_min: float, device: torch.device, generator: Optional[torch.Generator] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (top, left, height, width) as ``torchvision.transforms.RandomResizedCrop.get_params``
+    draws them on a ``size`` x ``size`` image: area fraction uniform in [scale_min, 1], log aspect ratio
+    uniform in [3/4, 4/3], the first of 10 tries that fits, else the centre crop; each of shape (B,)."""
+    u = torch.rand(batch, RESIZED_CROP_ATTEMPTS, 2, device=device, generator=generator, dtype=torch.float64)
+    area = size * size * (scale_min + (1.0 - scale_min) * u[..., 0])
+    lo, hi = math.log(RESIZED_CROP_RATIO[0]), math.log(RESIZED_CROP_RATIO[1])
+    aspect = torch.exp(lo + (hi - lo) * u[..., 1])
+    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (w <= size) & (h > 0) & (h <= size)
+    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)
+    found = fits.any(dim=1)
+    w = torch.where(found, w.gather(1, first)[:, 0], float(size)).long()  # a square image: the whole image
+    h = torch.where(found, h.gather(1, first)[:, 0], float(size)).long()
+    pick = torch.rand(batch, 2, device=device, generator=generator, dtype=torch.float64)
+    top = (pick[:, 0] * (size - h + 1)).floor().long()
+    left = (pick[:, 1] * (size - w + 1)).floor().long()
+    return top, left, h, w
+
+
+def _axis_weights(start: torch.Tensor, length: torch.Tensor, size: int, bicubic: torch.Tensor) -> torch.Tensor:
+    """(B, size, size): row k holds the weights of the input pixels that output pixel k of a resize of
+    the span [start, start + length) to ``size`` reads, as ``F.interpolate`` (align_corners=False) reads
+    the cropped image: bilinear, or bicubic (a = -0.75) where ``bicubic``, the taps clamped to the span."""
+    B, dev = start.shape[0], start.device
+    scale = (length.double() / size)[:, None]  # (B, 1)
+    src = (torch.arange(size, device=dev, dtype=torch.float64)[None, :] + 0.5) * scale - 0.5  # (B, size)
+    last = (length - 1)[:, None]
+    weights = torch.zeros(B, size, size, dtype=torch.float64, device=dev)
+    lin = src.clamp(min=0.0)
+    i0 = lin.floor()
+    lam = lin - i0
+    i0 = i0.long().minimum(last)
+    for tap, w in ((i0, 1.0 - lam), ((i0 + 1).minimum(last), lam)):
+        weights.scatter_add_(2, (start[:, None] + tap)[..., None], torch.where(bicubic[:, None], 0.0, w)[..., None])
+    j0 = src.floor()
+    t = src - j0
+    a = BICUBIC_A
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731  |x| <= 1
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731  1 < |x| < 2
+    for offset, w in ((-1, far(t + 1)), (0, near(t)), (1, near(1 - t)), (2, far(2 - t))):
+        tap = (j0.long() + offset).clamp(min=0).minimum(last)
+        weights.scatter_add_(2, (start[:, None] + tap)[..., None], torch.where(bicubic[:, None], w, 0.0)[..., None])
+    return weights
+
+
+def resized_crop(
+    x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: torch.Tensor, w: torch.Tensor, bicubic: torch.Tensor
+) -> torch.Tensor:
+    """Each uint8 image's crop (top, left, h, w) resized back to the image's size, bilinear or bicubic per
+    sample, as two batched matrix products (no per-image Python); rounded back to uint8."""
+    B, C, H, W = x.shape
+    rows = _axis_weights(top, h, H, bicubic).float()  # (B, H_out, H)
+    cols = _axis_weights(left, w, W, bicubic).float()  # (B, W_out, W)
+    out = rows[:, None] @ x.to(torch.float32) @ cols.transpose(1, 2)[:, None]  # (B, C, H, W)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def draw_erase(shape: tuple, prob: float, device: torch.device, generator: Optional[torch.Generator] = None) -> dict:
+    """timm's ``RandomErasing(probability=prob, mode="pixel")`` draws for a batch of ``shape`` (B, C, H, W):
+    each image, with probability ``prob``, one rectangle (area 2%-33% of the image, aspect ratio 0.3-3.3,
+    the first of 10 tries that fits, at a uniform position) and standard normal noise to fill it."""
+    B, C, H, W = shape
+    u = torch.rand(B, 10, 2, device=device, generator=generator, dtype=torch.float64)
+    area = H * W * (0.02 + (1 / 3 - 0.02) * u[..., 0])
+    lo, hi = math.log(0.3), math.log(1 / 0.3)
+    aspect = torch.exp(lo + (hi - lo) * u[..., 1])
+    h, w = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    fits = (w < W) & (h < H)
+    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)
+    erase = (torch.rand(B, device=device, generator=generator) < prob) & fits.any(dim=1)
+    h, w = h.gather(1, first)[:, 0].long(), w.gather(1, first)[:, 0].long()
+    pick = torch.rand(B, 2, device=device, generator=generator, dtype=torch.float64)
+    top = (pick[:, 0] * (H - h + 1)).floor().long()  # random.randint(0, H - h): both ends included
+    left = (pick[:, 1] * (W - w + 1)).floor().long()
+    noise = torch.randn(shape, device=device, generator=generator)
+    return {"erase": erase, "top": top, "left": left, "h": h, "w": w, "noise": noise}
+
+
+def erase_rectangles(x: torch.Tensor, drawn: dict) -> torch.Tensor:
+    """Apply ``draw_erase``'s rectangles to a normalised float batch."""
+    H, W = x.shape[-2:]
+    r, c = torch.arange(H, device=x.device)[None, :], torch.arange(W, device=x.device)[None, :]
+    top, left = drawn["top"][:, None], drawn["left"][:, None]
+    rows = (r >= top) & (r < top + drawn["h"][:, None])  # (B, H)
+    cols = (c >= left) & (c < left + drawn["w"][:, None])  # (B, W)
+    inside = rows[:, :, None] & cols[:, None, :] & drawn["erase"][:, None, None]  # (B, H, W)
+    return torch.where(inside[:, None], drawn["noise"].to(x.dtype), x)
 
 
 class TrainAugment:
@@ -278,10 +373,17 @@ class TrainAugment:
         randaugment: Optional[RandAugment] = None,
         compile: bool = False,
         repair: Optional[Callable[[BaseException], str]] = None,
+        resized_crop_scale: float = 0.0,
+        interpolation: str = "bilinear",
+        erase_prob: float = 0.0,
     ):
+        assert interpolation in INTERPOLATIONS, interpolation
         self.padding = padding
         self.flip = flip
         self.randaugment = randaugment
+        self.resized_crop_scale = resized_crop_scale  # > 0: RandomResizedCrop instead of the padded crop
+        self.interpolation = interpolation
+        self.erase_prob = erase_prob
         self.compiled = torch.compile(self.transform, dynamic=False) if compile else None
         self.repair = repair  # after a failed compile: repairs the kernel cache once (a note), or "" to fall back
         self.failure = ""  # why the compiled transform failed, once it has (then it runs eagerly)
@@ -290,20 +392,32 @@ class TrainAugment:
     def draw(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict:
         """The batch's random choices, as tensors."""
         B = x.shape[0]
-        params = {"crop": None, "layers": []}
+        params = {"crop": None, "layers": [], "resized": None, "erase": None}
+        if self.resized_crop_scale > 0:
+            box = draw_resized_crop(B, x.shape[-1], self.resized_crop_scale, x.device, generator)
+            coin = torch.rand(B, device=x.device, generator=generator) < 0.5  # timm's "random": either one
+            bicubic = coin if self.interpolation == "random" else torch.full_like(coin, self.interpolation == "bicubic")
+            params["resized"] = (*box, bicubic)
         if self.padding or self.flip:
-            params["crop"] = draw_crop_flip(B, self.padding, self.flip, x.device, generator)
+            params["crop"] = draw_crop_flip(B, self.padding if params["resized"] is None else 0, self.flip, x.device,
+                                            generator)  # fmt: skip
         if self.randaugment is not None:
             params["layers"] = [self.randaugment.draw(B, x.device, generator) for _ in range(self.randaugment.num_ops)]
+        if self.erase_prob > 0:
+            params["erase"] = draw_erase(tuple(x.shape), self.erase_prob, x.device, generator)
         return params
 
-    def transform(self, x: torch.Tensor, crop, layers) -> torch.Tensor:
-        """Apply drawn choices to a uint8 batch and normalise: float32 (B, C, H, W)."""
+    def transform(self, x: torch.Tensor, crop, layers, resized=None, erase=None) -> torch.Tensor:
+        """Apply drawn choices to a uint8 batch and normalise: float32 (B, C, H, W). The order is timm's:
+        (resized) crop, flip, RandAugment, normalise, random erasing."""
+        if resized is not None:
+            x = resized_crop(x, *resized)
         if crop is not None:
-            x = crop_flip(x, self.padding, *crop)
+            x = crop_flip(x, self.padding if resized is None else 0, *crop)
         for op, level, sign in layers:
             x = self.randaugment.apply(x, op, level, sign)
-        return normalize(x)
+        x = normalize(x)
+        return x if erase is None else erase_rectangles(x, erase)
 
     def notes(self) -> list[str]:
         """What its compile came to, to say once: a repaired kernel cache, a fallback to eager."""

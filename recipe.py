@@ -62,7 +62,16 @@ def build_augment(cfg: Config, compile: bool = False, repair: Optional[Callable]
         if cfg.randaugment and cfg.randaug_ops > 0
         else None
     )
-    return TrainAugment(cfg.crop_padding, cfg.hflip, randaug, compile=compile, repair=repair)
+    return TrainAugment(
+        cfg.crop_padding,
+        cfg.hflip,
+        randaug,
+        compile=compile,
+        repair=repair,
+        resized_crop_scale=cfg.resized_crop_scale,
+        interpolation=cfg.resized_crop_interpolation,
+        erase_prob=cfg.random_erasing,
+    )
 
 
 def load_data(cfg: Config) -> CifarTensors:

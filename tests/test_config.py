@@ -69,6 +69,9 @@ BAD_VALUES = {
     "decay_embeddings": "yes",
     "mixup_switch_prob": 1.5,
     "mixup_off_epoch": -1,
+    "resized_crop_scale": 1.5,
+    "resized_crop_interpolation": "nearest",
+    "random_erasing": -0.25,
 }
 
 

@@ -162,3 +162,103 @@ def test_every_preset_trains_two_epochs_with_either_norm(cifar, tmp_path):
             t.close()
             saved = json.loads(t.paths.config.read_text())
             assert saved["recipe"] == name and saved["pool"] == RECIPES[name]["pool"] and t.epoch == 2
+
+
+# --- the augmentation the presets add -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_resized_crop_equals_crop_then_interpolate_on_each_image(mode):
+    import torch.nn.functional as F
+
+    from data import resized_crop
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
+    top, left = torch.tensor([0, 3, 5, 0, 10, 1]), torch.tensor([0, 2, 7, 4, 0, 9])
+    h, w = torch.tensor([32, 29, 27, 28, 22, 23]), torch.tensor([32, 30, 25, 28, 31, 20])
+    bicubic = torch.full((6,), mode == "bicubic")
+    out = resized_crop(x, top, left, h, w, bicubic)
+    for b in range(6):
+        crop = x[b : b + 1, :, top[b] : top[b] + h[b], left[b] : left[b] + w[b]].float()
+        reference = F.interpolate(crop, size=(32, 32), mode=mode, align_corners=False)
+        expected = reference.round().clamp(0, 255).to(torch.uint8)[0]
+        assert (out[b].int() - expected.int()).abs().max() <= 1, b  # float sums in another order: at most 1 level
+        assert (out[b] != expected).float().mean() < 0.01
+    assert torch.equal(resized_crop(x[:1], top[:1], left[:1], h[:1], w[:1], bicubic[:1]), x[:1])  # whole: itself
+
+
+def test_resized_crop_draws_torchvisions_distribution():
+    from torchvision.transforms import RandomResizedCrop
+
+    from data import draw_resized_crop
+
+    n = 20_000
+    top, left, h, w = draw_resized_crop(n, 32, 0.8, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert ((h >= 1) & (h <= 32) & (w >= 1) & (w <= 32)).all()
+    assert ((top >= 0) & (top + h <= 32) & (left >= 0) & (left + w <= 32)).all()
+    torch.manual_seed(0)
+    image = torch.zeros(3, 32, 32)
+    reference = torch.tensor([RandomResizedCrop.get_params(image, (0.8, 1.0), (3 / 4, 4 / 3)) for _ in range(n)])
+    ours = torch.stack([top, left, h, w], 1).double()
+    for k, what in enumerate(("top", "left", "height", "width")):
+        a, b = ours[:, k], reference[:, k].double()
+        assert abs(a.mean() - b.mean()) < 0.05 and abs(a.std() - b.std()) < 0.05, what  # same distribution
+        assert a.min() == b.min() and a.max() == b.max(), what
+
+
+def _timm_erasing_reference(rng, prob: float, h: int = 32, w: int = 32):
+    """timm's RandomErasing._erase for one image, mode "pixel", count 1: the rectangle it erases (or None)."""
+    if rng.random() > prob:
+        return None
+    for _ in range(10):
+        target = rng.uniform(0.02, 1 / 3) * h * w
+        aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+        eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if ew < w and eh < h:
+            return rng.randint(0, h - eh), rng.randint(0, w - ew), eh, ew
+    return None
+
+
+def test_random_erasing_draws_timms_distribution_and_fills_with_noise():
+    import random
+
+    from data import draw_erase, erase_rectangles
+
+    n = 20_000
+    drawn = draw_erase((n, 3, 32, 32), 0.25, torch.device("cpu"), torch.Generator().manual_seed(0))
+    rng = random.Random(0)
+    reference = [_timm_erasing_reference(rng, 0.25) for _ in range(n)]
+    erased = [r for r in reference if r is not None]
+    assert abs(drawn["erase"].float().mean().item() - len(erased) / n) < 0.01  # 25% of the images
+    ours = torch.stack([drawn[k][drawn["erase"]] for k in ("top", "left", "h", "w")], 1).double()
+    theirs = torch.tensor(erased, dtype=torch.float64)
+    for k, what in enumerate(("top", "left", "height", "width")):
+        assert abs(ours[:, k].mean() - theirs[:, k].mean()) < 0.3 and abs(ours[:, k].std() - theirs[:, k].std()) < 0.3
+        assert ours[:, k].min() >= theirs[:, k].min() - 1 and ours[:, k].max() <= theirs[:, k].max() + 1, what
+    small = {k: v[:64] for k, v in drawn.items()}
+    x = torch.full((64, 3, 32, 32), 7.0)
+    out = erase_rectangles(x, small)
+    for b in range(64):
+        changed = (out[b] != 7.0).any(0)
+        if small["erase"][b]:
+            t, le, eh, ew = (int(small[k][b]) for k in ("top", "left", "h", "w"))
+            box = torch.zeros(32, 32, dtype=torch.bool)
+            box[t : t + eh, le : le + ew] = True
+            assert torch.equal(changed, box)  # exactly the rectangle, per pixel and channel
+        else:
+            assert not changed.any()
+    noise = out[out != 7.0]
+    assert abs(noise.mean().item()) < 0.1 and abs(noise.std().item() - 1) < 0.1  # standard normal values
+
+
+def test_the_cvt_augmentation_runs_in_timms_order(cifar):
+    from recipe import build_augment
+
+    augment = build_augment(recipe_config("cvt-7/4"))
+    g = torch.Generator().manual_seed(0)
+    out = augment(cifar.x_train[:64], g)
+    assert out.dtype == torch.float32 and out.shape == (64, 3, 32, 32)
+    params = augment.draw(cifar.x_train[:64], torch.Generator().manual_seed(0))
+    assert params["resized"] is not None and params["erase"] is not None and augment.padding == 0
+    assert 0 < params["resized"][4].float().mean() < 1  # "random": bilinear for some, bicubic for others
