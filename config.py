@@ -122,6 +122,7 @@ class Config:
     randaug_ops: int = _field(2, integer(0, 10))  # RandAugment N: ops drawn per image
     randaug_magnitude: float = _field(9.0, number(lambda v: 0 <= v <= 10, "in [0, 10]"))  # M, randomaug.py's table
     randaug_magnitude_std: float = _field(0.5, number(lambda v: v >= 0, ">= 0"))  # per-image noise on M (mstd)
+    randaug_op_set: str = _field("default", one_of("default", "timm-inc1"))  # randomaug.OP_SETS
     mixup_alpha: float = _field(0.2, number(lambda v: v >= 0, ">= 0"))  # Beta(a, a) mixup; 0: off
     cutmix_alpha: float = _field(
         0.0, number(lambda v: v >= 0, ">= 0")
@@ -223,7 +224,7 @@ _COMPACT = dict(
     batch_size=128, lr=5.5e-4, min_lr=1e-5, warmup_epochs=10.0, warmup_lr=1e-5, weight_decay=0.06,
     decay_embeddings=True, grad_clip=0.0, label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0,
     mixup_switch_prob=0.5, mixup_off_epoch=175, randaug_ops=2, randaug_magnitude=9.0, randaug_magnitude_std=0.5,
-    randaug_prob=0.5, ema_decay=0.0, crop_padding=0, hflip=True, resized_crop_scale=0.8,
+    randaug_prob=0.5, randaug_op_set="timm-inc1", ema_decay=0.0, crop_padding=0, hflip=True, resized_crop_scale=0.8,
     resized_crop_interpolation="random", random_erasing=0.25,
 )  # fmt: skip
 RECIPES: dict[str, dict] = {

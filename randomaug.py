@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-OPS: tuple[str, ...] = (
+DEFAULT_OPS: tuple[str, ...] = (
     "identity",
     "autocontrast",
     "equalize",
@@ -61,10 +61,35 @@ OPS: tuple[str, ...] = (
     "translate_x",
     "translate_y",
 )
-GEOMETRIC_OPS = frozenset({"rotate", "shear_x", "shear_y", "translate_x", "translate_y"})
-SIGNED_OPS = frozenset(
-    {"rotate", "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y"}
+# timm's "inc1" RandAugment (rand_augment_ops with _RAND_INCREASING_TRANSFORMS): no identity; invert and
+# solarize-add; posterize and solarize stronger as m grows; translation relative to the side (0.45 at m = 10).
+TIMM_INC1_OPS: tuple[str, ...] = (
+    "autocontrast",
+    "equalize",
+    "invert",
+    "rotate",
+    "posterize_increasing",
+    "solarize_increasing",
+    "solarize_add",
+    "color",
+    "contrast",
+    "brightness",
+    "sharpness",
+    "shear_x",
+    "shear_y",
+    "translate_x_rel",
+    "translate_y_rel",
 )
+OP_SETS = {"default": DEFAULT_OPS, "timm-inc1": TIMM_INC1_OPS}
+OPS: tuple[str, ...] = DEFAULT_OPS + tuple(op for op in TIMM_INC1_OPS if op not in DEFAULT_OPS)  # every op known
+GEOMETRIC_OPS = frozenset({"rotate", "shear_x", "shear_y", "translate_x", "translate_y", "translate_x_rel",
+                           "translate_y_rel"})  # fmt: skip
+SIGNED_OPS = frozenset(
+    {"rotate", "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y",
+     "translate_x_rel", "translate_y_rel"}
+)  # fmt: skip
+TRANSLATE_REL_FRACTION = 0.45  # timm's translate_pct: of the side, at m = 10, in fractional pixels
+SOLARIZE_ADD_MAX = 110  # timm: added to values below 128, at m = 10
 MAX_MAGNITUDE = 10.0
 MAX_ROTATE_DEGREES = 30.0
 MAX_SHEAR = 0.3
@@ -268,7 +293,7 @@ class RandAugment:
         magnitude: float = 9.0,
         magnitude_std: float = 0.5,
         prob: float = 1.0,
-        ops: Sequence[str] = OPS,
+        ops: Sequence[str] = DEFAULT_OPS,
         interpolation: str = "nearest",
         fill: Sequence[float] = CIFAR10_MEAN_UINT8,
     ):
@@ -382,8 +407,10 @@ class RandAugment:
         matrix = inverse_affine_matrix(
             angle=only("rotate", -sign * MAX_ROTATE_DEGREES * level),
             translate=(
-                only("translate_x", sign * torch.trunc(level * TRANSLATE_FRACTION * W)),
-                only("translate_y", sign * torch.trunc(level * TRANSLATE_FRACTION * H)),
+                only("translate_x", sign * torch.trunc(level * TRANSLATE_FRACTION * W))
+                + only("translate_x_rel", sign * level * TRANSLATE_REL_FRACTION * W),
+                only("translate_y", sign * torch.trunc(level * TRANSLATE_FRACTION * H))
+                + only("translate_y_rel", sign * level * TRANSLATE_REL_FRACTION * H),
             ),
             shear=(only("shear_x", shear), only("shear_y", shear)),
             center=(shearing * (-0.5 * W), shearing * (-0.5 * H)),
@@ -412,14 +439,23 @@ class RandAugment:
             return sharpness(img, enhance)
         if name == "identity":
             return img
+        if name == "invert":
+            return 255 - img
+        if name == "posterize_increasing":  # timm: 4 - int(4 f) bits kept, 0 at m = 10
+            return posterize(img, MAX_POSTERIZE_DROP_BITS - torch.floor(MAX_POSTERIZE_DROP_BITS * level))
+        if name == "solarize_increasing":  # timm: invert values >= 256 - int(256 f)
+            return solarize(img, 256.0 - torch.floor(256.0 * level))
+        if name == "solarize_add":  # timm: values below 128 raised by int(110 f), saturating at 255
+            add = _per_sample(torch.floor(SOLARIZE_ADD_MAX * level)).to(torch.int32)
+            return torch.where(img < 128, (img.to(torch.int32) + add).clamp_(max=255).to(torch.uint8), img)
         raise ValueError(f"unknown op {name!r}")
 
 
-def magnitude_table(magnitude: float = MAX_MAGNITUDE, side: int = 32) -> dict[str, str]:
-    """Human-readable strength of each op at ``magnitude`` on ``side``-pixel images."""
+def magnitude_table(magnitude: float = MAX_MAGNITUDE, side: int = 32, ops: Sequence[str] = DEFAULT_OPS) -> dict:
+    """Human-readable strength of each of ``ops`` at ``magnitude`` on ``side``-pixel images."""
     f = min(max(magnitude, 0.0), MAX_MAGNITUDE) / MAX_MAGNITUDE
     e = MAX_ENHANCE * f
-    return {
+    table = {
         "identity": "-",
         "autocontrast": "-",
         "equalize": "-",
@@ -434,4 +470,11 @@ def magnitude_table(magnitude: float = MAX_MAGNITUDE, side: int = 32) -> dict[st
         "shear_y": f"±{MAX_SHEAR * f:.2f} ({math.degrees(math.atan(MAX_SHEAR * f)):.1f}°)",
         "translate_x": f"±{int(f * TRANSLATE_FRACTION * side)} px",
         "translate_y": f"±{int(f * TRANSLATE_FRACTION * side)} px",
+        "invert": "-",
+        "posterize_increasing": f"{4 - int(4 * f)} bits",
+        "solarize_increasing": f"threshold {256 - int(256 * f)}",
+        "solarize_add": f"+{int(SOLARIZE_ADD_MAX * f)} below 128",
+        "translate_x_rel": f"±{TRANSLATE_REL_FRACTION * f * side:.1f} px",
+        "translate_y_rel": f"±{TRANSLATE_REL_FRACTION * f * side:.1f} px",
     }
+    return {op: table[op] for op in ops}

@@ -20,7 +20,7 @@ import utils
 from config import Config
 from data import CLASSES, CifarTensors, DeviceLoader, Mixup, TrainAugment, load_cifar10, normalize
 from models import DynamicTanh, ViT, scale_mimetic_to_inputs_
-from randomaug import RandAugment
+from randomaug import OP_SETS, RandAugment
 
 MAX_WARMUP_FRACTION = 0.1  # warmup (and cooldown) never takes more than this share of the run (short runs learn)
 EMA_WARMUP = 10  # EMA decay ramps as (1 + n) / (EMA_WARMUP + n) over the first updates
@@ -58,7 +58,14 @@ def build_model(cfg: Config) -> ViT:
 
 def build_augment(cfg: Config, compile: bool = False, repair: Optional[Callable] = None) -> TrainAugment:
     randaug = (
-        RandAugment(cfg.randaug_ops, cfg.randaug_magnitude, cfg.randaug_magnitude_std, prob=cfg.randaug_prob)
+        RandAugment(
+            cfg.randaug_ops,
+            cfg.randaug_magnitude,
+            cfg.randaug_magnitude_std,
+            prob=cfg.randaug_prob,
+            ops=OP_SETS[cfg.randaug_op_set],
+            interpolation="bilinear" if cfg.randaug_op_set == "timm-inc1" else "nearest",  # timm: PIL, smooth
+        )
         if cfg.randaugment and cfg.randaug_ops > 0
         else None
     )

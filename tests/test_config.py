@@ -72,6 +72,7 @@ BAD_VALUES = {
     "resized_crop_scale": 1.5,
     "resized_crop_interpolation": "nearest",
     "random_erasing": -0.25,
+    "randaug_op_set": "timm",
 }
 
 

@@ -57,6 +57,23 @@ def _reference(name, img, f, s, interpolation):
         return TF.affine(
             img, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], interpolation=mode, fill=FILL
         )
+    # timm's "inc1" ops (timm/data/auto_augment.py), as its level functions give their arguments:
+    if name == "invert":
+        return TF.invert(img)
+    if name == "posterize_increasing":
+        return TF.posterize(img, bits=4 - int(f * 4))
+    if name == "solarize_increasing":  # threshold 256 at m = 0: nothing inverted (PIL's table)
+        threshold = 256 - int(f * 256)
+        return img if threshold > 255 else TF.solarize(img, threshold=threshold)
+    if name == "solarize_add":  # PIL lookup table: i + add for i < 128, capped at 255
+        lut = torch.tensor([min(255, i + int(f * 110)) if i < 128 else i for i in range(256)], dtype=torch.uint8)
+        return lut[img.long()]
+    if name in ("translate_x_rel", "translate_y_rel"):
+        t = s * f * 0.45 * 32  # a fraction of the side, not rounded to pixels
+        translate = [t, 0.0] if name == "translate_x_rel" else [0.0, t]
+        return TF.affine(
+            img, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], interpolation=mode, fill=FILL
+        )
     raise AssertionError(name)
 
 
@@ -65,7 +82,7 @@ def _reference(name, img, f, s, interpolation):
 def test_each_op_matches_torchvision(name, interpolation):
     img = _images()
     n = len(img)
-    aug = RandAugment(interpolation=interpolation)
+    aug = RandAugment(interpolation=interpolation, ops=OPS)  # every op this module knows
     op = torch.full((n,), OPS.index(name))
     level = torch.tensor(LEVELS * (n // len(LEVELS)), dtype=torch.float32)
     sign = torch.tensor([1.0, -1.0] * (n // 2))
@@ -73,7 +90,7 @@ def test_each_op_matches_torchvision(name, interpolation):
     ref = torch.stack([_reference(name, img[i], float(level[i]), float(sign[i]), interpolation) for i in range(n)])
     assert ours.dtype == torch.uint8 and ours.shape == img.shape
     diff = (ours.int() - ref.int()).abs()
-    if name in ra.GEOMETRIC_OPS and interpolation == "bilinear":
+    if name in ra.GEOMETRIC_OPS and (interpolation == "bilinear" or name.endswith("_rel")):
         # Same matrix and grid; float rounding may move a value that lands on .5 by one level.
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
     else:
@@ -83,7 +100,7 @@ def test_each_op_matches_torchvision(name, interpolation):
 def test_magnitudes_change_the_image():
     # Guard against an op that silently does nothing at the top magnitude.
     img = _images()[:8]  # low-contrast images and one flat one
-    aug = RandAugment()
+    aug = RandAugment(ops=OPS)
     for name in OPS:
         if name == "identity":
             continue
@@ -168,4 +185,27 @@ def test_grouped_and_masked_execution_agree(interpolation):
         grouped = aug.apply(img, op, level, sign, grouped=True)
         masked = aug.apply(img, op, level, sign, grouped=False)
         assert torch.equal(grouped, masked)
+        img = grouped
+
+
+def test_the_timm_inc1_set_is_timms_op_list_and_the_default_set_is_unchanged():
+    assert ra.OP_SETS["timm-inc1"] == (
+        "autocontrast", "equalize", "invert", "rotate", "posterize_increasing", "solarize_increasing",
+        "solarize_add", "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y",
+        "translate_x_rel", "translate_y_rel",
+    )  # fmt: skip
+    assert RandAugment().ops == ra.DEFAULT_OPS and len(ra.DEFAULT_OPS) == 14 and "identity" in ra.DEFAULT_OPS
+    table = ra.magnitude_table(9, ops=ra.TIMM_INC1_OPS)
+    assert table["posterize_increasing"] == "1 bits" and table["solarize_increasing"] == "threshold 26"
+    assert table["translate_x_rel"] == "±13.0 px" and list(table) == list(ra.TIMM_INC1_OPS)
+
+
+def test_grouped_and_masked_execution_agree_for_timms_op_set():
+    img = _images(64)
+    aug = RandAugment(ops=ra.TIMM_INC1_OPS, interpolation="bilinear", prob=0.5)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        op, level, sign = aug.draw(64, img.device, g)
+        grouped = aug.apply(img, op, level, sign, grouped=True)
+        assert torch.equal(grouped, aug.apply(img, op, level, sign, grouped=False))
         img = grouped
