@@ -6,6 +6,7 @@
 #   bash bench/device_check.sh concurrency DATA_DIR OUT [K]         # K runs at once vs one
 #   bash bench/device_check.sh sweep DATA_DIR OUT RUNS [K] [S] [GRID]  # python -m sweeps --runs RUNS [--grid GRID],
 #                                                                   # K at a time, stopped after S s
+# RECIPE (environment): the preset every run starts from (train, sweep), e.g. cvt-7/4 (config.RECIPES);
 # OVERRIDES (environment, a JSON object): config fields for every run (train, sweep, concurrency);
 # NAME: the sweep's name (default "sweep"), also the base of its run names. MODES (bench): e.g. graphs,
 # or graphs,compile (the default on CUDA).
@@ -43,7 +44,7 @@ bench)
 train)
   timeout -s INT -k 60 "${5:-540}" python3 bench/run_notebook.py dyt_cifar10.ipynb -p epochs "${4:?EPOCHS}" \
     -p data_dir "$data" -p checkpoint_dir /tmp/device_check_ck -p log_dir "$work/log" -p plot_dir "$work/plots" \
-    -p progress lines -p overrides "${OVERRIDES:-{\}}" 2>&1 | tee "$out/notebook.log"
+    -p progress lines -p recipe "${RECIPE:-default}" -p overrides "${OVERRIDES:-{\}}" 2>&1 | tee "$out/notebook.log"
   tar czf "$out/train.tgz" -C "$work" .
   ;;
 concurrency)
@@ -52,7 +53,7 @@ concurrency)
   ;;
 sweep)
   name=${NAME:-sweep}
-  args=(--runs "${4:?RUNS}" --overrides "$(overrides)" --per-gpu "${5:-2}" --name "$name")
+  args=(--runs "${4:?RUNS}" --recipe "${RECIPE:-default}" --overrides "$(overrides)" --per-gpu "${5:-2}" --name "$name")
   if [ -n "${7:-}" ]; then args+=(--grid "$7"); fi
   timeout -s INT -k 60 "${6:-500}" python3 -m sweeps "${args[@]}" 2>&1 | tee "$out/sweep.log"
   python3 -m sweeps "${args[@]}" --table-only 2>&1 | tee "$out/table.txt"
