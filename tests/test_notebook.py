@@ -340,14 +340,16 @@ def test_the_notebook_knows_every_parameter_of_its_parameters_cell():
 
 
 @pytest.mark.slow
-def test_a_preset_by_name_from_papermill(tmp_path):
+@pytest.mark.parametrize("recipe", ["cvt-7/4", "vit-lite-7/4"])
+def test_a_preset_by_name_from_papermill(tmp_path, recipe):
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=20)
     nb = _execute(
-        tmp_path, "preset", data_dir=str(data), recipe="cvt-7/4", epochs=2, dim=32, heads=2, depth=1,
+        tmp_path, "preset", data_dir=str(data), recipe=recipe, epochs=2, dim=32, heads=2, depth=1,
         batch_size=50, train_subset=100, device="cpu", log_dir=str(tmp_path / "log"),
         checkpoint_dir=str(tmp_path / "ck"), plot_dir=str(tmp_path / "plots"), run_name="cvt",
         overrides='{"verify_data": false, "download": false, "clean_train_images": 0}',
     )  # fmt: skip
     saved = json.loads((tmp_path / "log" / "cvt_config.json").read_text())
-    assert saved["recipe"] == "cvt-7/4" and saved["pool"] == "seq" and saved["dim"] == 32 and saved["epochs"] == 2
-    assert "recipe 'cvt-7/4'" in _text(nb) and (tmp_path / "ck" / "cvt_latest.pth").exists()
+    pool = "seq" if recipe == "cvt-7/4" else "cls"
+    assert saved["recipe"] == recipe and saved["pool"] == pool and saved["dim"] == 32 and saved["epochs"] == 2
+    assert f"recipe {recipe!r}" in _text(nb) and (tmp_path / "ck" / "cvt_latest.pth").exists()

@@ -254,16 +254,17 @@ def test_r6_the_printed_table_shows_swept_settings_as_written(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_sweep_starts_from_a_preset_by_name(tmp_path):
+@pytest.mark.parametrize("recipe", ["cvt-7/4", "vit-lite-7/4"])
+def test_a_sweep_starts_from_a_preset_by_name(tmp_path, recipe):
     data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
     small = {k: v for k, v in _base(tmp_path, data, epochs=2).to_dict().items() if k not in RECIPES["cvt-7/4"]}
     del small["recipe"]  # the preset is named by --recipe
     small.update(dim=32, heads=2, depth=1, batch_size=50, epochs=2)
-    sweeps_main(["--recipe", "cvt-7/4", "--overrides", json.dumps(small), "--grid", '{"norm": ["dyt", "ln"]}',
+    sweeps_main(["--recipe", recipe, "--overrides", json.dumps(small), "--grid", '{"norm": ["dyt", "ln"]}',
                  "--name", "preset"])  # fmt: skip
     for norm in ("dyt", "ln"):
         saved = json.loads((tmp_path / "log" / f"dyt_cifar10_norm-{norm}_config.json").read_text())
-        assert saved["recipe"] == "cvt-7/4" and saved["pool"] == "seq" and saved["norm"] == norm
+        assert saved["recipe"] == recipe and saved["pool"] == RECIPES[recipe]["pool"] and saved["norm"] == norm
         assert saved["block_style"] == "cct" and saved["epochs"] == 2
     assert list(pd_read(tmp_path / "log" / "preset_runs.csv")["status"]) == ["finished", "finished"]
 
