@@ -1,7 +1,10 @@
 """Shared fixtures: small CIFAR-10 in the exact on-disk layout torchvision uses."""
 
+import contextlib
 import csv
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +93,24 @@ def tiny(tmp_path, **overrides) -> Config:
     )
     base.update(overrides)
     return Config(**base)
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(lock_path: Path, seconds: int = 120):
+    """A child process that holds the run lock at ``lock_path`` (as another notebook or sweep would),
+    killed on leaving the block."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, time; sys.path[:0] = {sys.path!r}; from runs.lock import RunLock; "
+         f"lock = RunLock({str(lock_path)!r}); lock.acquire(); print('held', flush=True); time.sleep({seconds})"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
 
 
 def rows(path):

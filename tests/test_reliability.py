@@ -7,15 +7,12 @@ import json
 import os
 import pickle
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import QUIET, assert_same_run, rows, tiny, train_all
+from conftest import QUIET, assert_same_run, lock_held_by_another_process, rows, tiny, train_all
 from data import CorruptDatasetError, ensure_cifar10, read_batch
 from recipe import lr_at
 from runs import files as run_files
@@ -116,20 +113,11 @@ def test_a_huge_learning_rate_diverges_instead_of_saving_nan_weights(cifar, tmp_
 def test_second_process_on_the_same_run_is_refused_until_the_holder_dies(cifar, tmp_path):
     cfg = tiny(tmp_path, epochs=1)
     lock_path = tmp_path / "checkpoint" / "dyt_cifar10.lock"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, time; sys.path[:0] = {sys.path!r}; from runs.lock import RunLock; "
-         f"lock = RunLock({str(lock_path)!r}); lock.acquire(); print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_by_another_process(lock_path) as holder:
         with pytest.raises(RunLockedError, match=f"process {holder.pid}") as info:
             Trainer(cfg, cifar, **QUIET).resume()
         assert str(lock_path) in str(info.value) and "another run_name" in str(info.value)
         assert not (tmp_path / "log" / "dyt_cifar10.csv").exists()
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     t = Trainer(cfg, cifar, **QUIET)  # the holder was SIGKILLed: its stale lock is taken over
     train_all(t)
     assert [r["epoch"] for r in rows(t.paths.csv)] == ["1"]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # starts a local Ray
 
 import sweeps  # noqa: E402
 from config import Config  # noqa: E402
-from conftest import rows, write_fake_cifar10  # noqa: E402
+from conftest import lock_held_by_another_process, rows, write_fake_cifar10  # noqa: E402
 from runs.files import RunPaths  # noqa: E402
 from sweeps import on_ray  # noqa: E402
 
@@ -159,20 +159,11 @@ def test_r5_a_run_locked_by_another_process_is_running_elsewhere_and_nothing_is_
     runs = sweeps.grid(_base(tmp_path, data), {"seed": [0, 1]})
     runs = [(on_ray.with_absolute_folders(c), o) for c, o in runs]
     busy = RunPaths.of(runs[1][0])
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, time; sys.path[:0] = {sys.path!r}; from runs.lock import RunLock; "
-         f"lock = RunLock({str(busy.lock)!r}); lock.acquire(); print('held', flush=True); time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"  # another sweep trains seed 1
+    with lock_held_by_another_process(busy.lock):  # another sweep trains seed 1
         table = on_ray.run_ray_sweep(runs, "twice", progress="off")
-        status = dict(zip(table["run_name"], table["status"]))
-        assert status[runs[0][0].name] == "finished" and status[busy.name] == "running elsewhere"
-        assert not busy.result.exists() and not busy.csv.exists()  # nothing written about it here
-    finally:
-        holder.kill()
-        holder.wait()
+    status = dict(zip(table["run_name"], table["status"]))
+    assert status[runs[0][0].name] == "finished" and status[busy.name] == "running elsewhere"
+    assert not busy.result.exists() and not busy.csv.exists()  # nothing written about it here
 
 
 def test_r9_an_address_where_no_cluster_answers_fails_fast_in_one_line(tmp_path, capsys):
