@@ -88,14 +88,15 @@ def plot_progress(csv_path: str | Path, out_path: str | Path, title: str = ""):
 
     df = pd.read_csv(csv_path)
     fig, ax = _figure(1, 2, (10, 3.4))
-    ax[0, 0].plot(df[h.EPOCH], df[h.TRAIN_LOSS], label="train")
-    ax[0, 0].plot(df[h.EPOCH], df[h.TEST_LOSS], label="test")
+    dot = {"marker": "o"} if len(df) == 1 else {}  # one epoch: points, not invisible one-point lines
+    ax[0, 0].plot(df[h.EPOCH], df[h.TRAIN_LOSS], label="train", **dot)
+    ax[0, 0].plot(df[h.EPOCH], df[h.TEST_LOSS], label="test", **dot)
     ax[0, 0].set(title="loss")
     if h.TRAIN_CLEAN_ACC in df:
-        ax[0, 1].plot(df[h.EPOCH], 100 * df[h.TRAIN_CLEAN_ACC], label="train (clean images)")
-    ax[0, 1].plot(df[h.EPOCH], 100 * df[h.TEST_ACC], label=f"test (last {100 * df[h.TEST_ACC].iloc[-1]:.2f}%)")
+        ax[0, 1].plot(df[h.EPOCH], 100 * df[h.TRAIN_CLEAN_ACC], label="train (clean images)", **dot)
+    ax[0, 1].plot(df[h.EPOCH], 100 * df[h.TEST_ACC], label=f"test (last {100 * df[h.TEST_ACC].iloc[-1]:.2f}%)", **dot)
     if h.EMA_TEST_ACC in df:
-        ax[0, 1].plot(df[h.EPOCH], 100 * df[h.EMA_TEST_ACC], label="test, EMA weights")
+        ax[0, 1].plot(df[h.EPOCH], 100 * df[h.EMA_TEST_ACC], label="test, EMA weights", **dot)
     ax[0, 1].set(title="accuracy (%)")
     for a in ax.flat:
         a.legend()

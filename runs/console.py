@@ -174,15 +174,21 @@ class LiveCurves:
     """The run's loss and accuracy curves, redrawn in place in the notebook (one figure, not one per
     epoch) after an epoch, at most every ``LIVE_EVERY_SECONDS`` and after the last one.
 
+    A cell run again (the stop message asks for it), a restarted kernel or a second notebook on the same run
+    gets a figure of its own: Jupyter cleared the earlier cell's output, so its display handle shows nothing.
+
     Args:
         draw: writes the figure of a CSV to a PNG path (``figures.plot_progress``).
         path: the PNG to write.
         display: IPython's ``display`` (injected, so it can be tested without a notebook).
+        cell: which cell execution is running (IPython's execution count; injected for tests).
     """
 
-    def __init__(self, draw: Callable, path, display: Callable):
+    def __init__(self, draw: Callable, path, display: Callable, cell: Callable[[], object] = None):
         self.draw, self.path, self.display = draw, path, display
+        self.cell = cell or _execution_count
         self.handle = None
+        self.handle_cell = None  # the execution whose output holds ``handle``
         self.last = -float("inf")
 
     def update(self, csv_path, final: bool = False) -> None:
@@ -194,7 +200,16 @@ class LiveCurves:
         from IPython.display import Image
 
         image = Image(filename=str(self.path))
-        if self.handle is None:
-            self.handle = self.display(image, display_id=True)
+        cell = self.cell()
+        if self.handle is None or cell != self.handle_cell:
+            self.handle, self.handle_cell = self.display(image, display_id=True), cell
         else:
             self.handle.update(image)
+
+
+def _execution_count():
+    """IPython's count of executed cells (None outside IPython)."""
+    try:
+        return get_ipython().execution_count  # noqa: F821 (IPython's builtin)
+    except NameError:
+        return None

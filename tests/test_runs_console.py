@@ -159,3 +159,41 @@ def test_on_a_gpu_the_autocast_dtype_is_said_once(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     Console("off", lines.append).hardware_warnings(torch.device("cuda"), torch.float16, False)
     assert lines == ["autocast: fp16 with a GradScaler on Tesla T4 (compute capability 7.5)"]
+
+
+def test_live_curves_appear_again_in_a_cell_run_again(tmp_path, monkeypatch):
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(console.time, "monotonic", lambda: clock["now"])
+    shown, cell = [], {"count": 7}
+
+    class Handle:
+        def __init__(self, n):
+            self.n = n
+
+        def update(self, image):
+            shown.append(("update", self.n))
+
+    def display(image, display_id):
+        shown.append(("display", cell["count"]))
+        return Handle(cell["count"])
+
+    png = tmp_path / "live.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n")
+    live = LiveCurves(lambda csv, path: None, png, display, cell=lambda: cell["count"])
+    live.update("run.csv", final=True)
+    live.update("run.csv", final=True)  # the same cell: the figure is updated in place
+    cell["count"] = 9  # "Run this cell again" after a stop: the old output was cleared
+    live.update("run.csv", final=True)
+    live.update("run.csv", final=True)
+    assert shown == [("display", 7), ("update", 7), ("display", 9), ("update", 9)]
+
+
+def test_the_live_figure_after_one_epoch_shows_points(tmp_path):
+    import figures
+
+    csv_path = tmp_path / "run.csv"
+    csv_path.write_text("epoch,lr,train_loss,train_acc,test_loss,test_acc\n1,0.001,2.1,0.2,2.0,0.28\n")
+    fig = figures.plot_progress(csv_path, tmp_path / "live.png", "one epoch")
+    lines = [line for a in fig.axes for line in a.get_lines()]
+    assert lines and all(line.get_marker() == "o" for line in lines)  # visible, not one-point lines
+    assert (tmp_path / "live.png").exists()
