@@ -54,14 +54,14 @@ class TrainingInterrupted(KeyboardInterrupt):
     """The stop button (or Ctrl-C) during an epoch. Still a ``KeyboardInterrupt``, so "Run All" stops;
     IPython shows ``_render_traceback_()`` (what happened and what to do) instead of torch's traceback."""
 
-    def __init__(self, epoch: int, step: int, latest: Path, saved_epoch: Optional[int]):
+    def __init__(self, epoch: int, step: int, steps: int, latest: Path, saved_epoch: Optional[int]):
         where = (
             f"the last checkpoint is {latest} (epoch {saved_epoch})"
             if saved_epoch is not None
             else "no epoch had finished, so the run starts again from its beginning"
         )
         self.message = (
-            f"Stopped in epoch {epoch} at step {step}; that epoch's progress is discarded and {where}. "
+            f"Stopped in epoch {epoch} at step {step} of {steps}; that epoch's progress is discarded and {where}. "
             f"Run this cell again to resume."
         )
         super().__init__(self.message)
@@ -414,8 +414,10 @@ class Trainer:
         except TrainingInterrupted:
             raise
         except KeyboardInterrupt:
-            saved = self.epoch if self.paths.latest.exists() else None
-            raise TrainingInterrupted(epoch, self.step, self.paths.latest, saved) from None
+            saved, in_epoch = self.epoch if self.paths.latest.exists() else None, self.step % self.steps_per_epoch
+            stop = TrainingInterrupted(epoch, in_epoch, self.steps_per_epoch, self.paths.latest, saved)
+            self.files.log(f"STOPPED: {stop.message}")  # the log tells the whole story
+            raise stop from None
         self.compile_cache.end()  # this epoch's compiles finished: the cache holds whole kernels
         self.console.epoch_seconds.append(time.perf_counter() - wall - stats["compile_seconds"])
         self.console.epoch_line(self.epoch, self.cfg.epochs, stats, self.best.acc, self.best.epoch)

@@ -28,10 +28,11 @@ def status_line(epoch: int, epochs: int, best_acc: float, best_epoch: int, best_
     if epoch > epochs:
         return (
             f"finished: {epoch} epochs trained, more than epochs = {epochs} (it was lowered after training); "
-            f"{best}. To train longer, raise epochs and run again"
+            f"{best}. To train longer, raise epochs and run the notebook again"
         )
     if epoch == epochs:
-        return f"finished: {epoch} of {epochs} epochs trained; {best}. To train longer, raise epochs"
+        longer = "To train longer, raise epochs and run the notebook again"
+        return f"finished: {epoch} of {epochs} epochs trained; {best}. {longer}"
     return f"stopped after {epoch} of {epochs} epochs; {best}"
 
 

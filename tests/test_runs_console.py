@@ -118,7 +118,8 @@ def test_the_stop_message_is_a_few_lines_and_still_a_keyboard_interrupt(cifar, t
         t.run_epoch(2)
     assert isinstance(info.value, TrainingInterrupted)
     (shown,) = info.value._render_traceback_()
-    assert shown.startswith(f"TrainingInterrupted: Stopped in epoch 2 at step {t.steps_per_epoch + 2}")
+    assert shown.startswith(f"TrainingInterrupted: Stopped in epoch 2 at step 2 of {t.steps_per_epoch};")  # the bar's
+    assert f"STOPPED: Stopped in epoch 2 at step 2 of {t.steps_per_epoch}" in t.paths.log.read_text()
     assert f"the last checkpoint is {t.paths.latest} (epoch 1)" in shown and "Run this cell again" in shown
     monkeypatch.undo()
     train_all(t)
