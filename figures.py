@@ -27,6 +27,11 @@ def _save(fig, path: str | Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# One colour per series in every panel and figure: train, clean train, test, EMA test.
+SERIES_COLORS = {"train": "C0", "clean": "C2", "test": "C1", "ema": "C3"}
+C = SERIES_COLORS
+
+
 def plot_run(csv_path: str | Path, out_path: str | Path, title: str = "", mixup: bool = True):
     """Loss, accuracy and learning rate; DyT's alpha and each norm's gain per layer (one legend for
     both, beside them), from the CSV alone. ``mixup``: whether the run mixed its training images (the
@@ -39,23 +44,22 @@ def plot_run(csv_path: str | Path, out_path: str | Path, title: str = "", mixup:
     fig, ax = _figure(2, 3, (15, 7.5))
     mixed = ", mixup" if mixup else ""
     a = ax[0, 0]
-    a.plot(df[h.EPOCH], df[h.TRAIN_LOSS], label=f"train (augmented{mixed}, label smoothing)")
-    a.plot(df[h.EPOCH], df[h.TEST_LOSS], label="test")
+    a.plot(df[h.EPOCH], df[h.TRAIN_LOSS], color=C["train"], label=f"train (augmented{mixed}, label smoothing)")
+    a.plot(df[h.EPOCH], df[h.TEST_LOSS], color=C["test"], label="test")
     if h.EMA_TEST_LOSS in df:
-        a.plot(df[h.EPOCH], df[h.EMA_TEST_LOSS], label="test (EMA weights)")
+        a.plot(df[h.EPOCH], df[h.EMA_TEST_LOSS], color=C["ema"], label="test (EMA weights)")
     a.set(title="loss")
     a.legend()
     a = ax[0, 1]
-    a.plot(df[h.EPOCH], 100 * df[h.TRAIN_ACC], label=f"train (augmented{', vs the dominant label' if mixup else ''})")
+    dominant = ", vs the dominant label" if mixup else ""
+    a.plot(df[h.EPOCH], 100 * df[h.TRAIN_ACC], color=C["train"], label=f"train (augmented{dominant})")
     if h.TRAIN_CLEAN_ACC in df:  # above test: overfitting; near or below it: underfitting
-        a.plot(df[h.EPOCH], 100 * df[h.TRAIN_CLEAN_ACC], label="train (clean images)")
-    a.plot(df[h.EPOCH], 100 * df[h.TEST_ACC], label=f"test (best {100 * df[h.TEST_ACC].max():.2f}%)")
+        a.plot(df[h.EPOCH], 100 * df[h.TRAIN_CLEAN_ACC], color=C["clean"], label="train (clean images)")
+    best = f"best {100 * df[h.TEST_ACC].max():.2f}%"
+    a.plot(df[h.EPOCH], 100 * df[h.TEST_ACC], color=C["test"], label=f"test ({best})")
     if h.EMA_TEST_ACC in df:
-        a.plot(
-            df[h.EPOCH],
-            100 * df[h.EMA_TEST_ACC],
-            label=f"test, EMA weights (best {100 * df[h.EMA_TEST_ACC].max():.2f}%)",
-        )
+        ema_best = f"best {100 * df[h.EMA_TEST_ACC].max():.2f}%"
+        a.plot(df[h.EPOCH], 100 * df[h.EMA_TEST_ACC], color=C["ema"], label=f"test, EMA weights ({ema_best})")
     a.set(title="accuracy (%)")
     a.legend()
     a.grid(alpha=0.3)
@@ -89,14 +93,20 @@ def plot_progress(csv_path: str | Path, out_path: str | Path, title: str = ""):
     df = pd.read_csv(csv_path)
     fig, ax = _figure(1, 2, (10, 3.4))
     dot = {"marker": "o"} if len(df) == 1 else {}  # one epoch: points, not invisible one-point lines
-    ax[0, 0].plot(df[h.EPOCH], df[h.TRAIN_LOSS], label="train", **dot)
-    ax[0, 0].plot(df[h.EPOCH], df[h.TEST_LOSS], label="test", **dot)
+    ax[0, 0].plot(df[h.EPOCH], df[h.TRAIN_LOSS], color=C["train"], label="train", **dot)
+    ax[0, 0].plot(df[h.EPOCH], df[h.TEST_LOSS], color=C["test"], label="test", **dot)
     ax[0, 0].set(title="loss")
     if h.TRAIN_CLEAN_ACC in df:
-        ax[0, 1].plot(df[h.EPOCH], 100 * df[h.TRAIN_CLEAN_ACC], label="train (clean images)", **dot)
-    ax[0, 1].plot(df[h.EPOCH], 100 * df[h.TEST_ACC], label=f"test (last {100 * df[h.TEST_ACC].iloc[-1]:.2f}%)", **dot)
+        ax[0, 1].plot(df[h.EPOCH], 100 * df[h.TRAIN_CLEAN_ACC], color=C["clean"], label="train (clean images)", **dot)
+    ax[0, 1].plot(
+        df[h.EPOCH],
+        100 * df[h.TEST_ACC],
+        color=C["test"],
+        label=f"test (last {100 * df[h.TEST_ACC].iloc[-1]:.2f}%)",
+        **dot,
+    )
     if h.EMA_TEST_ACC in df:
-        ax[0, 1].plot(df[h.EPOCH], 100 * df[h.EMA_TEST_ACC], label="test, EMA weights", **dot)
+        ax[0, 1].plot(df[h.EPOCH], 100 * df[h.EMA_TEST_ACC], color=C["ema"], label="test, EMA weights", **dot)
     ax[0, 1].set(title="accuracy (%)")
     for a in ax.flat:
         a.legend()
@@ -182,6 +192,7 @@ def plot_groups(curves: dict[str, list[str | Path]], out_path: str | Path, title
     line and the band from the lowest to the highest run. Runs of different lengths are cut to the
     shortest of their group."""
     import pandas as pd
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = _figure(1, 1, (8, 4.8))
     a = ax[0, 0]
@@ -193,6 +204,7 @@ def plot_groups(curves: dict[str, list[str | Path]], out_path: str | Path, title
         if len(frames) > 1:
             a.fill_between(table.index, table.min(axis=1), table.max(axis=1), alpha=0.25)
     a.set(title=title or "test accuracy (%)", xlabel="epoch", ylabel="test accuracy (%)")
+    a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.2 ... 1.8
     a.legend()
     a.grid(alpha=0.3)
     _save(fig, out_path)

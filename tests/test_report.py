@@ -60,3 +60,25 @@ def test_describe_counts_the_epochs_it_averages_and_scores_ema_apart(tmp_path):
     (tmp_path / "one").mkdir()
     one = describe("run", summarize_run(_csv(tmp_path / "one", [0.5])))
     assert "1 epoch;" in one and "averaged over the last epoch" in one and "EMA" not in one
+
+
+def test_each_series_keeps_its_colour_across_panels_and_comparison_ticks_are_whole_epochs(tmp_path):
+    import figures
+
+    csv_path = tmp_path / "run.csv"
+    csv_path.write_text(
+        "epoch,lr,train_loss,train_acc,train_clean_acc,test_loss,test_acc,ema_test_loss,ema_test_acc\n"
+        "1,0.001,2.1,0.2,0.25,2.0,0.28,2.05,0.27\n2,0.0005,1.9,0.3,0.35,1.8,0.33,1.85,0.32\n"
+    )
+    for fig in (figures.plot_run(csv_path, tmp_path / "run.png"), figures.plot_progress(csv_path, tmp_path / "p.png")):
+        colours = {}
+        for a in fig.axes[:2]:
+            for line in a.get_lines():
+                series = line.get_label().split(" ")[0].rstrip(",")  # "train", "test"
+                key = "ema" if "EMA" in line.get_label() else "clean" if "clean" in line.get_label() else series
+                colours.setdefault(key, set()).add(line.get_color())
+        assert all(len(c) == 1 for c in colours.values()) and {"train", "test", "ema", "clean"} <= set(colours)
+        assert len({next(iter(c)) for c in colours.values()}) == len(colours)  # and distinct from each other
+    fig = figures.plot_groups({"dyt": [csv_path], "ln": [csv_path]}, tmp_path / "groups.png")
+    ticks = fig.axes[0].get_xticks()
+    assert all(float(t).is_integer() for t in ticks)
