@@ -324,13 +324,14 @@ def config_differences(saved: dict, current: Config) -> dict[str, tuple]:
 OUTPUT_FOLDERS = {"checkpoint_dir": "checkpoint", "log_dir": "log", "plot_dir": "plots"}
 
 
-def config_from_parameters(
-    parameters: dict, overrides: dict | str | None = None, output_root=".", recipe: str = "default"
-) -> Config:
-    """The notebook's config: the preset ``recipe``, then ``parameters`` (Config fields by name, as the
-    notebook's parameters cell sets them; one left at the default value keeps the preset's value), then
-    ``overrides`` (any field; they win). An empty output folder becomes ``output_root/<checkpoint|log|plots>``."""
+def config_from_parameters(parameters: dict, overrides: dict | str | None = None, output_root=".") -> Config:
+    """The notebook's config: the preset ``parameters["recipe"]`` (default ``"default"``), then the other
+    ``parameters`` (Config fields by name, as the notebook's parameters cell sets them; one left at the
+    default value keeps the preset's value), then ``overrides`` (any field; they win). An empty output
+    folder becomes ``output_root/<checkpoint|log|plots>``."""
     check_field_names(parameters)
+    parameters = dict(parameters)
+    recipe = parameters.pop("recipe", "default")
     base = recipe_config(recipe)
     defaults = Config().to_dict()
     values = {k: v for k, v in parameters.items() if k not in RECIPES[recipe] or v != defaults[k]}

@@ -65,10 +65,10 @@ def test_a_preset_is_a_plain_dict_and_explicit_values_win():
 
 def test_the_notebooks_parameters_keep_the_presets_values_unless_changed(tmp_path):
     defaults = Config()
-    parameters = dict(epochs=defaults.epochs, dim=defaults.dim, lr=defaults.lr, seed=3)  # as the cell holds them
-    cfg = config_from_parameters(parameters, {"drop_path": 0.2}, tmp_path, recipe="cvt-7/4")
+    parameters = dict(recipe="cvt-7/4", epochs=defaults.epochs, dim=defaults.dim, lr=defaults.lr, seed=3)  # as the cell
+    cfg = config_from_parameters(parameters, {"drop_path": 0.2}, tmp_path)
     assert (cfg.epochs, cfg.dim, cfg.lr, cfg.seed, cfg.drop_path) == (310, 256, 5.5e-4, 3, 0.2)
-    assert config_from_parameters(dict(dim=128), None, tmp_path, recipe="cvt-7/4").dim == 128  # changed: wins
+    assert config_from_parameters(dict(recipe="cvt-7/4", dim=128), None, tmp_path).dim == 128  # changed: wins
 
 
 def test_sequence_pooling_is_a_softmax_weighted_mean_of_the_final_tokens():
