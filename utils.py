@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import platform
 import sys
@@ -160,15 +161,19 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:300]}"
 
 
+def ipython():
+    """The running IPython shell (a notebook kernel), or None in plain Python."""
+    try:
+        return get_ipython()  # noqa: F821 (IPython's builtin)
+    except NameError:
+        return None
+
+
 def injected_parameters() -> set[str]:
     """The names papermill injected into this kernel (its last "# Parameters" cell, from IPython's input
     history); empty outside IPython or when the notebook was not started with parameters."""
-    try:
-        history = get_ipython().user_ns.get("In", [])  # noqa: F821 (IPython's builtin)
-    except NameError:
-        return set()
-    import ast
-
+    shell = ipython()
+    history = shell.user_ns.get("In", []) if shell is not None else []
     for source in reversed(history):
         if source.lstrip().startswith("# Parameters"):
             try:

@@ -210,7 +210,5 @@ class LiveCurves:
 
 def _execution_count():
     """IPython's count of executed cells (None outside IPython)."""
-    try:
-        return get_ipython().execution_count  # noqa: F821 (IPython's builtin)
-    except NameError:
-        return None
+    shell = utils.ipython()
+    return shell.execution_count if shell is not None else None
