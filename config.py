@@ -175,6 +175,7 @@ class Config:
     attention: str = _field("auto", one_of("auto", "flash", "cudnn", "efficient", "math"), resumable=True)  # SDPA
     compile_cache: bool = _field(True, boolean, resumable=True)  # kernels kept in <checkpoint_dir>/compile_cache
     device: str = _field("auto", device, resumable=True)  # "auto" (cuda > mps > cpu), or "cuda:1", "cpu", ...
+    cpu_threads: int = _field(0, integer(0, 1024), resumable=True)  # torch threads on a CPU (0: torch's default)
     # --- outputs ---
     checkpoint_dir: str = _field("checkpoint", path, resumable=True)  # <run>_latest.pth (every epoch), <run>_best.pth
     log_dir: str = _field("log", path, resumable=True)  # <run>.csv, <run>.log, <run>_config.json

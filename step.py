@@ -120,11 +120,12 @@ class CompileCache:
             self._marker = None
 
 
-def configure_process(device: torch.device, compile_cache: Optional[Path]) -> CompileCache:
+def configure_process(device: torch.device, compile_cache: Optional[Path], cpu_threads: int = 0) -> CompileCache:
     """The process-wide settings a training run makes, all here: Inductor's kernel cache in
     ``compile_cache`` (None: left as it is), so a second process of the same shapes starts in seconds;
-    and on CUDA, TF32 for the few float32 matmuls (the loss, the head under fp16). They affect every
-    later compile and matmul of this process, not only this run's. The C++ compiler's command line
+    on a CPU, ``cpu_threads`` torch threads (0: left as they are); and on CUDA, TF32 for the few float32
+    matmuls (the loss, the head under fp16). They affect every later compile and matmul of this process,
+    not only this run's. The C++ compiler's command line
     breaks on a path with a space or a quote, so such a folder's cache lives in a folder of its own
     under the system's temp folder (``CompileCache.note`` says so)."""
     cache = CompileCache(None)
@@ -140,6 +141,8 @@ def configure_process(device: torch.device, compile_cache: Optional[Path]) -> Co
         cache.path = path
         cache.note = "; ".join(n for n in (cache.note, cache.check_for_crashes()) if n)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    if device.type == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -113,7 +113,7 @@ class Trainer:
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self._compile_modes = compile_modes(use_compile, self.device, cfg.cuda_graphs, cfg.autotune)
         cache = self.paths.compile_cache if self._compile_modes and cfg.compile_cache else None
-        self.compile_cache = configure_process(self.device, cache)
+        self.compile_cache = configure_process(self.device, cache, cfg.cpu_threads)
         self.compile_clock = CompileClock()  # compiling (and recording CUDA graphs) in this session
         self._interrupted = False  # an epoch started and did not finish: memory is not a checkpoint
         self._cpu_estimate_due = self.device.type == "cpu"

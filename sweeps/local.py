@@ -51,7 +51,7 @@ def _launch(cfg: Config, gpu: Optional[int], per_process_threads: int) -> subpro
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         cfg = with_overrides(cfg, {"device": "auto"})  # the one visible GPU
     else:
-        env["OMP_NUM_THREADS"] = str(per_process_threads)
+        env["OMP_NUM_THREADS"] = str(cfg.cpu_threads or per_process_threads)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)  # finds sweeps
     Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
     with open(RunPaths.of(cfg).output, "a") as out:  # the child keeps its own copy of the file

@@ -18,6 +18,7 @@ BAD_VALUES = {
     "test_subset": 1.5,
     "batch_size": 0,
     "eval_batch_size": -1,
+    "cpu_threads": -1,
     "clean_train_images": -1,
     "crop_padding": -1,
     "hflip": 1,
