@@ -9,11 +9,18 @@ from runs import history as h
 from runs.history import read_csv
 
 LAST_EPOCHS = 5  # a run is scored by the mean test accuracy of its last epochs (less noisy than the best)
+WINDOWS = (3, LAST_EPOCHS)  # the summary's last3_acc and last5_acc: NaN for a run with fewer epochs
+
+
+def last_key(window: int, prefix: str = "") -> str:
+    """The summary's key of the mean test accuracy over the last ``window`` epochs."""
+    return f"{prefix}last{window}_acc"
 
 
 def summarize_run(csv_path: str | Path) -> dict:
-    """Epochs logged, final / best / mean-of-last-5 test accuracy (%) of the trained weights and, for a
-    run with EMA, the same of the EMA weights in ``ema_``-prefixed keys (each scored on its own: taking
+    """Epochs logged, final / best / mean-of-last-3 and -5 test accuracy (%; a window longer than the run
+    is NaN, so a column never claims epochs that were not run) of the trained weights and, for a run
+    with EMA, the same of the EMA weights in ``ema_``-prefixed keys (each scored on its own: taking
     the better of the two per epoch would flatter EMA runs), clean training accuracy, training minutes."""
     rows = read_csv(csv_path)
     if not rows:
@@ -23,13 +30,12 @@ def summarize_run(csv_path: str | Path) -> dict:
     for prefix in ("", h.EMA) if rows[-1].get(h.EMA_TEST_ACC) else ("",):
         accs = [100 * float(r[prefix + h.TEST_ACC] or "nan") for r in rows]
         best = max(range(len(rows)), key=lambda i: -math.inf if math.isnan(accs[i]) else accs[i])
-        last = accs[-LAST_EPOCHS:]
         summary.update(
             {
                 f"{prefix}final_acc": accs[-1],
                 f"{prefix}best_acc": accs[best],
                 f"{prefix}best_epoch": int(rows[best][h.EPOCH]),
-                f"{prefix}last5_acc": sum(last) / len(last),
+                **{last_key(n, prefix): sum(accs[-n:]) / n if len(accs) >= n else math.nan for n in WINDOWS},
             }
         )
     summary["minutes"] = seconds / 60
@@ -41,15 +47,12 @@ def summarize_run(csv_path: str | Path) -> dict:
 def describe(name: str, summary: dict) -> str:
     """A run's result in words (``summary`` from ``summarize_run``): the trained weights and, apart,
     the EMA weights."""
-    last = min(LAST_EPOCHS, summary["epochs"])
-    averaged = "the last epoch" if last == 1 else f"the last {last} epochs"
+    window = max((n for n in WINDOWS if n <= summary["epochs"]), default=None)
 
     def scores(prefix: str) -> str:
-        final, last5, best = (summary[prefix + k] for k in ("final_acc", "last5_acc", "best_acc"))
-        return (
-            f"test accuracy {final:.2f}% at the end, {last5:.2f}% averaged over {averaged}, best {best:.2f}% "
-            f"(epoch {summary[prefix + 'best_epoch']})"
-        )
+        final, best, epoch = (summary[prefix + k] for k in ("final_acc", "best_acc", "best_epoch"))
+        mean = f", {summary[last_key(window, prefix)]:.2f}% averaged over the last {window} epochs" if window else ""
+        return f"test accuracy {final:.2f}% at the end{mean}, best {best:.2f}% (epoch {epoch})"
 
     epochs = f"{summary['epochs']} epoch" + ("" if summary["epochs"] == 1 else "s")
     text = f"{name}: {epochs}; {scores('')}"
@@ -60,8 +63,9 @@ def describe(name: str, summary: dict) -> str:
     return text + f"; {summary['minutes']:.1f} minutes of training and evaluation."
 
 
-def next_steps(summary: dict, cfg) -> list[str]:
-    """Plain advice from a run's summary and its config (``config.Config``): what to try next."""
+def next_steps(summary: dict, cfg, compared_seeds: int = 0) -> list[str]:
+    """Plain advice from a run's summary and its config (``config.Config``): what to try next;
+    ``compared_seeds``: how many seeds the notebook's norm comparison ran (0: none)."""
     if not summary.get("epochs"):
         return ["Nothing trained yet: run the training cell."]
     tips = []
@@ -99,5 +103,15 @@ def next_steps(summary: dict, cfg) -> list[str]:
             f"Clean training accuracy ({summary['train_clean_acc']:.1f}%) is far above test accuracy: the model "
             f"overfits. More regularisation (stronger RandAugment, cutmix_alpha 1.0, drop_path 0.2) should help."
         )
-    tips.append("One seed is an anecdote: compare norms over several seeds (section 8).")
+    if compared_seeds < 2:
+        tips.append("One seed is an anecdote: compare norms over several seeds (section 8).")
+    elif compared_seeds < 5:
+        tips.append(
+            f"The comparison paired {compared_seeds} seeds; its interval narrows with more (about 5 seeds show a "
+            f"1-point difference at 0.5 points of run-to-run spread): add seeds to compare_seeds and run it again."
+        )
+    else:
+        tips.append(
+            f"The comparison paired {compared_seeds} seeds: read the interval of the difference, not the means alone."
+        )
     return tips

@@ -17,6 +17,7 @@ from config import RUN_NAME, Config, config_differences, with_overrides
 from runs.atomic import atomic_write
 from runs.files import RunPaths, check_writable
 from runs.lock import RunLock, RunLockedError
+from sweeps.paired import paired_table, setting
 
 DONE = ("finished", "stopped early")  # statuses a sweep run again does not train further
 ELSEWHERE = "running elsewhere"  # another process holds the run's lock: this sweep says so and writes nothing
@@ -179,6 +180,9 @@ def write_results(runs: list[tuple[Config, dict]], name: str):
     table.to_csv(log_dir / f"{name}_runs.csv", index=False)
     groups = group_stats(table, [k for k in fields if k != "seed"])
     groups.to_csv(log_dir / f"{name}_groups.csv", index=False)
+    pairs = paired_table(table, fields)
+    if len(pairs):
+        pairs.to_csv(log_dir / f"{name}_paired.csv", index=False)
     curves: dict[str, list[Path]] = {}
     for (cfg, overrides), row in zip(runs, rows):
         csv_path = files[cfg.name].csv
@@ -189,7 +193,7 @@ def write_results(runs: list[tuple[Config, dict]], name: str):
         figures.plot_groups(
             curves, plot_dir / f"{name}.png", title=f"{name}: mean test accuracy, band: min to max over seeds"
         )
-    table.attrs.update(groups=groups, plot=plot_dir / f"{name}.png", name=name, fields=fields)
+    table.attrs.update(groups=groups, pairs=pairs, plot=plot_dir / f"{name}.png", name=name, fields=fields)
     return table
 
 
@@ -224,7 +228,8 @@ def group_stats(table, by: list[str]):
     import pandas as pd
 
     done = table[table["status"] == "finished"] if "status" in table else table.iloc[0:0]
-    scores = [c for c in ("last5_acc", "ema_last5_acc", "final_acc", "best_acc", "minutes") if c in done]
+    scores = ("final_acc", "last3_acc", "last5_acc", "ema_final_acc", "ema_last5_acc", "best_acc", "minutes")
+    scores = [c for c in scores if c in done and done[c].notna().any()]  # a score no run has: no column
     if done.empty or not scores:
         return pd.DataFrame(columns=by + ["runs"])
     grouped = done.groupby(by, dropna=False) if by else done.assign(group="all").groupby("group")
@@ -234,18 +239,13 @@ def group_stats(table, by: list[str]):
     return stats.reset_index()
 
 
-def setting(value) -> str:
-    """A swept setting as a person wrote it: ``3e-3`` -> ``0.003``, ``2e-5`` -> ``2e-05``, ``5.0`` -> ``5``."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def show(table) -> None:
     """The table, the group statistics and the plot, in a notebook or a terminal."""
     import utils
 
-    scores = ("final_acc", "best_acc", "last5_acc", "ema_last5_acc", "minutes")
+    scores = ("final_acc", "best_acc", "last3_acc", "last5_acc", "ema_last5_acc", "minutes")
     fields = table.attrs.get("fields", [])
-    columns = [c for c in ("run_name", *fields, "status", "epochs", *scores) if c in table]
+    columns = [c for c in ("run_name", *fields, "status", "epochs", *scores) if c in table and table[c].notna().any()]
     swept = {f: setting for f in fields if f in table}  # a setting as it was given: 0.003 and 2e-05, not 0.00 twice
     print(table[columns].to_string(index=False, float_format="{:.2f}".format, formatters=swept))
     groups = table.attrs["groups"]
@@ -254,6 +254,10 @@ def show(table) -> None:
         index=False, float_format="{:.2f}".format, formatters={f: setting for f in fields if f in groups}
     )
     print(shown if len(groups) else "(no finished run yet)")
+    pairs = table.attrs.get("pairs")
+    if pairs is not None and len(pairs):
+        print(f"\npaired by seed: setting minus {pairs['against'].iloc[0]}, in points (95% interval, Student's t):")
+        print(pairs.drop(columns="against").to_string(index=False, float_format="{:+.2f}".format))
     for _, row in table[table["status"].isin(["failed", "diverged"])].iterrows():
         print(f"\n{row['run_name']} {row['status']}: {row.get('error', '')}")
     elsewhere = table[table["status"] == ELSEWHERE]

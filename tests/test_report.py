@@ -26,19 +26,20 @@ def test_summary_values(tmp_path):
     s = summarize_run(_csv(tmp_path, accs, clean=0.82))
     assert s["epochs"] == 7 and s["final_acc"] == pytest.approx(80) and s["best_epoch"] == 7
     assert s["last5_acc"] == pytest.approx(100 * sum(accs[-5:]) / 5)
+    assert s["last3_acc"] == pytest.approx(100 * sum(accs[-3:]) / 3)
     assert s["minutes"] == pytest.approx(7 * 36 / 60) and s["train_clean_acc"] == pytest.approx(82)
 
 
 def test_summary_scores_raw_and_ema_weights_apart(tmp_path):
     s = summarize_run(_csv(tmp_path, [0.5, 0.6, 0.4], ema=[0.55, 0.58, 0.57]))
-    assert s["final_acc"] == pytest.approx(40) and s["last5_acc"] == pytest.approx(50)
+    assert s["final_acc"] == pytest.approx(40) and s["last3_acc"] == pytest.approx(50)
     assert s["best_acc"] == pytest.approx(60) and s["best_epoch"] == 2
-    assert s["ema_final_acc"] == pytest.approx(57) and s["ema_last5_acc"] == pytest.approx(170 / 3)
+    assert s["ema_final_acc"] == pytest.approx(57) and s["ema_last3_acc"] == pytest.approx(170 / 3)
     assert s["ema_best_acc"] == pytest.approx(58) and s["ema_best_epoch"] == 2
     assert math.isnan(s["train_clean_acc"])
-    assert (
-        "ema_last5_acc" not in summarize_run(_csv(tmp_path / "raw", [0.5])) if (tmp_path / "raw").mkdir() is None else 0
-    )
+    assert math.isnan(s["last5_acc"]) and math.isnan(s["ema_last5_acc"])  # 3 epochs: no 5-epoch mean to claim
+    (tmp_path / "raw").mkdir()
+    assert "ema_last5_acc" not in summarize_run(_csv(tmp_path / "raw", [0.5]))
 
 
 def test_advice_fits_the_run(tmp_path):
@@ -51,15 +52,24 @@ def test_advice_fits_the_run(tmp_path):
     over = summarize_run(_csv(tmp_path / "o", [0.7] * 60, clean=0.95)) if (tmp_path / "o").mkdir() is None else None
     assert "overfits" in " ".join(next_steps(over, Config(epochs=60)))
     assert next_steps({"epochs": 0}, Config()) == ["Nothing trained yet: run the training cell."]
+    assert "anecdote" in next_steps(under, bare)[-1] and "anecdote" in next_steps(under, bare, compared_seeds=1)[-1]
+    assert next_steps(under, bare, compared_seeds=2)[-1].startswith("The comparison paired 2 seeds; its interval")
+    assert "read the interval" in next_steps(under, bare, compared_seeds=5)[-1]
 
 
 def test_describe_counts_the_epochs_it_averages_and_scores_ema_apart(tmp_path):
     text = describe("run", summarize_run(_csv(tmp_path, [0.5, 0.6], clean=0.7, ema=[0.55, 0.58])))
-    assert text.startswith("run: 2 epochs; test accuracy 60.00% at the end, 55.00% averaged over the last 2 epochs")
-    assert "EMA weights: test accuracy 58.00% at the end, 56.50% averaged over the last 2 epochs" in text
+    assert text.startswith("run: 2 epochs; test accuracy 60.00% at the end, best 60.00% (epoch 2)")
+    assert "EMA weights: test accuracy 58.00% at the end, best 58.00%" in text and "averaged" not in text
     (tmp_path / "one").mkdir()
     one = describe("run", summarize_run(_csv(tmp_path / "one", [0.5])))
-    assert "1 epoch;" in one and "averaged over the last epoch" in one and "EMA" not in one
+    assert "1 epoch;" in one and "averaged" not in one and "EMA" not in one
+    (tmp_path / "six").mkdir()
+    six = describe("run", summarize_run(_csv(tmp_path / "six", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])))
+    assert "40.00% averaged over the last 5 epochs" in six
+    (tmp_path / "four").mkdir()
+    four = describe("run", summarize_run(_csv(tmp_path / "four", [0.1, 0.2, 0.3, 0.4])))
+    assert "30.00% averaged over the last 3 epochs" in four
 
 
 def test_each_series_keeps_its_colour_across_panels_and_comparison_ticks_are_whole_epochs(tmp_path):

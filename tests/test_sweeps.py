@@ -2,6 +2,7 @@
 plot, one failure not stopping the rest, and a sweep killed part-way then run again."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -52,13 +53,21 @@ def test_tiny_sweep_table_group_statistics_and_plot(tmp_path):
     for cfg, _ in runs:
         accs = [100 * float(r["test_acc"]) for r in rows(Path(cfg.log_dir) / f"{cfg.name}.csv")]
         row = table[table["run_name"] == cfg.name].iloc[0]
-        assert row["final_acc"] == pytest.approx(accs[-1]) and row["last5_acc"] == pytest.approx(sum(accs) / 2)
+        assert row["final_acc"] == pytest.approx(accs[-1]) and math.isnan(row["last5_acc"])  # 2 epochs: no mean of 5
     groups = table.attrs["groups"].set_index("norm")
+    assert "last5_acc_mean" not in groups and "last3_acc_mean" not in groups  # headers follow what was run
     for norm in ("dyt", "ln"):
-        mine = table[table["norm"] == norm]["last5_acc"]
-        assert groups.loc[norm, "last5_acc_mean"] == pytest.approx(mine.mean())
-        assert groups.loc[norm, "last5_acc_std"] == pytest.approx(mine.std())
+        mine = table[table["norm"] == norm]["final_acc"]
+        assert groups.loc[norm, "final_acc_mean"] == pytest.approx(mine.mean())
+        assert groups.loc[norm, "final_acc_std"] == pytest.approx(mine.std())
         assert groups.loc[norm, "runs"] == 2
+    final = table.set_index(["norm", "seed"])["final_acc"]
+    pairs = table.attrs["pairs"]
+    assert list(pairs["setting"]) == ["norm=ln"] and list(pairs["against"]) == ["norm=dyt"]
+    diffs = [final["ln", s] - final["dyt", s] for s in (0, 1)]
+    assert pairs.iloc[0]["pairs"] == 2 and pairs.iloc[0]["mean_diff"] == pytest.approx(sum(diffs) / 2)
+    written = (tmp_path / "log" / "norms_paired.csv").read_text().splitlines()
+    assert written[0].startswith("setting,against,score,differences,pairs,mean_diff,se,ci_low,ci_high")
     assert (tmp_path / "log" / "norms_runs.csv").exists() and (tmp_path / "log" / "norms_groups.csv").exists()
     assert (tmp_path / "plots" / "norms.png").read_bytes()[:4] == b"\x89PNG"
     # Run again: everything is finished, nothing is trained.
