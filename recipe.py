@@ -224,6 +224,53 @@ class RunParts:
     train_loader: DeviceLoader
     mixup: Mixup
 
+    def state_dict(self, device_type: str) -> dict:
+        """The parts' share of a checkpoint: weights, optimizer, scaler and random streams (``device_type``:
+        where the streams were drawn, so a resume on another device type knows they do not apply)."""
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {
+                "device_type": device_type,
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "loader": self.train_loader.state_dict(),
+                "mixup": self.mixup.state_dict(),
+            },
+        }
+
+    def load_state_dict(self, state: dict, reseed: int) -> str:
+        """Restore a ``state_dict()``; returns a note when the random streams could not be restored
+        exactly (a checkpoint from another device type: a GPU generator's state means nothing to a
+        CPU one, so the loader is re-seeded with ``reseed`` instead)."""
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for g in self.optimizer.param_groups:  # the saved lr is a copy: point every group at the live one
+            g["lr"] = self.lr
+        if self.scaler.is_enabled() and state["scaler"]:  # an amp change (bf16 <-> fp16) starts a fresh scaler
+            self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.mixup.load_state_dict(rng["mixup"])
+        device_type = self.lr.device.type
+        if rng.get("device_type") != device_type:  # None: written by the first version, which did not say
+            self.train_loader.generator.manual_seed(reseed)
+            written = (
+                f"written on {rng['device_type']}" if rng.get("device_type") else "of an earlier version (no device)"
+            )
+            return (
+                f"checkpoint {written}, resumed on {device_type}: the loader's random stream is re-seeded, "
+                f"so batches differ from an uninterrupted run"
+            )
+        if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.train_loader.load_state_dict(rng["loader"])
+        return ""
+
 
 def build_run(cfg: Config, data: CifarTensors, compile: bool = False, repair: Optional[Callable] = None) -> RunParts:
     """A run's parts as a fresh run starts them, seeded from ``cfg.seed`` (the same config and data give

@@ -178,55 +178,21 @@ class Trainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "ema": self.ema.module.state_dict() if self.ema is not None else {},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            **self.parts.state_dict(self.device.type),
             "epoch": self.epoch,
             "step": self.step,
             "best_acc": self.best.acc,
             "best_epoch": self.best.epoch,
             "best_source": self.best.source,
-            "rng": {
-                "device_type": self.device.type,
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "loader": self.train_loader.state_dict(),
-                "mixup": self.mixup.state_dict(),
-            },
             "torch_version": str(torch.__version__),
         }
 
     def load_state_dict(self, state: dict) -> str:
         """Restore a ``state_dict()``; returns a note when the random streams could not be restored
-        exactly (a checkpoint from another device type: a GPU generator's state means nothing to a
-        CPU one, so the loader is re-seeded from the seed and epoch instead)."""
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None:
-            self.ema.module.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for g in self.optimizer.param_groups:  # the saved lr is a copy: point every group at the live one
-            g["lr"] = self.lr
-        if self.scaler.is_enabled() and state["scaler"]:  # an amp change (bf16 <-> fp16) starts a fresh scaler
-            self.scaler.load_state_dict(state["scaler"])
+        exactly (``RunParts.load_state_dict``)."""
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.files.best = best_summary(state)
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        self.mixup.load_state_dict(rng["mixup"])
-        if rng.get("device_type") != self.device.type:  # None: written by the first version, which did not say
-            self.train_loader.generator.manual_seed(self.cfg.seed * RESEED_STRIDE + self.epoch)
-            written = (
-                f"written on {rng['device_type']}" if rng.get("device_type") else "of an earlier version (no device)"
-            )
-            return (
-                f"checkpoint {written}, resumed on {self.device.type}: the loader's random stream is re-seeded, "
-                f"so batches differ from an uninterrupted run"
-            )
-        if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.train_loader.load_state_dict(rng["loader"])
-        return ""
+        return self.parts.load_state_dict(state, self.cfg.seed * RESEED_STRIDE + self.epoch)
 
     def resume(self) -> Optional[int]:
         """Continue from the latest checkpoint if it exists: returns its epoch, or None for a fresh start.

@@ -14,6 +14,11 @@ import torch
 from config import Config
 from data import BATCH_FOLDER, TEST_FILES, TRAIN_FILES
 
+# One torch thread in the test process: its tensors are tiny, and beside another busy process on a 2-core
+# machine torch's default of two threads made the quick loop take over 13 minutes (stopped there) against
+# 57 s with one (2026-12-06). Tests that need another count set it themselves.
+torch.set_num_threads(1)
+
 
 def write_fake_cifar10(root: Path, per_batch: int = 40, test: int = 50, seed: int = 0) -> Path:
     """Write ``root/cifar-10-batches-py/`` with five train batches of ``per_batch`` images and a test
