@@ -110,7 +110,9 @@ class Config:
     train_subset: int = _field(0, integer(0))  # only the first N training images (0: all 50,000)
     test_subset: int = _field(0, integer(0))  # only the first N test images (0: all 10,000)
     batch_size: int = _field(256, integer(1, 50_000))  # training images per step
-    eval_batch_size: int = _field(1000, integer(1, 10_000), resumable=True)  # test images per forward pass
+    eval_batch_size: int = _field(
+        0, integer(0, 10_000), resumable=True
+    )  # test images per forward pass (0: 250 on a CPU, 1000 on a GPU)
     clean_train_images: int = _field(2_000, integer(0), resumable=True)  # train images scored unaugmented (0: off)
     # --- augmentation ---
     crop_padding: int = _field(4, integer(0, IMAGE_SIDE // 2))  # random crop of the zero-padded image (0: off)

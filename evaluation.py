@@ -13,21 +13,28 @@ from torch import nn
 from data import CLASSES, CifarTensors, DeviceLoader
 from runs import history
 
+CPU_BATCH, GPU_BATCH = 250, 1000  # eval_batch_size=0; on a 2-core CPU 250 scored 1.46x faster than 1000
+
+
+def rows_per_pass(asked: int, device: torch.device) -> int:
+    """Rows per evaluation forward pass: ``asked`` (a config's ``eval_batch_size``), or by device when 0."""
+    return asked or (CPU_BATCH if device.type == "cpu" else GPU_BATCH)
+
 
 class Evaluator:
     """Scores models on ``data``'s test set and on its first ``clean_train_images`` training images.
 
     Args:
         data: CIFAR-10 on the device.
-        batch_size: rows per forward pass.
+        batch_size: rows per forward pass (0: by device, ``rows_per_pass``).
         clean_train_images: training images scored without augmentation (0: none).
         amp_dtype: autocast dtype, or None for float32.
     """
 
     def __init__(self, data: CifarTensors, batch_size: int, clean_train_images: int, amp_dtype: Optional[torch.dtype]):
-        self.batch_size = batch_size
-        self.amp_dtype = amp_dtype
         self.device = data.x_test.device
+        self.batch_size = batch_size = rows_per_pass(batch_size, self.device)
+        self.amp_dtype = amp_dtype
         self.test_loader = DeviceLoader(data.x_test, data.y_test, batch_size, train=False)
         n_clean = min(clean_train_images, len(data.x_train))
         self.clean_train_loader = (

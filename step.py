@@ -354,3 +354,73 @@ class CompiledStep:
 
 def _join(*notes: str) -> str:
     return "; ".join(n for n in notes if n)
+
+
+TRIAL_STEPS = 3  # steps timed at each candidate thread count on a CPU (after one untimed step)
+
+
+class CpuPace:
+    """On a CPU: the first training steps' times, for the thread count and the time estimate.
+
+    With ``choose`` and more than one torch thread, the first steps run at each candidate count (all
+    threads, half of them, one), ``TRIAL_STEPS`` timed at each after an untimed one, and the fastest
+    count is kept for the rest of the run: on a busy machine one thread was measured 6-9x faster than
+    two, on an idle one two were faster. Thread counts change float sums, so a run whose count was
+    chosen by timing is repeatable only with the same choice: a resumed run keeps its count (``keep``)."""
+
+    def __init__(self, choose: bool):
+        n = torch.get_num_threads()
+        self.candidates = list(dict.fromkeys([n, max(1, n // 2), 1])) if choose and n > 1 else [n]
+        self.times: dict[int, list[float]] = {c: [] for c in self.candidates}
+        self.index = 0
+        self.last: Optional[tuple[float, float]] = None  # (time, compile seconds) at the end of the last step
+        self.done = False
+
+    @property
+    def chosen(self) -> int:
+        """The thread count kept once the trial is over (0 before)."""
+        return self.candidates[self.index] if self.done else 0
+
+    def restart(self) -> None:
+        """A fresh start of the run (after a stop during the trial): the trial again from its first count."""
+        if not self.done:
+            self.times = {c: [] for c in self.candidates}
+            self.index, self.last = 0, None
+            torch.set_num_threads(self.candidates[0])
+
+    def keep(self, threads: int) -> None:
+        """Train with ``threads`` threads (a resumed run's own count), without a trial."""
+        torch.set_num_threads(threads)
+        self.candidates, self.times = [threads], {threads: []}
+        self.index, self.last = 0, None
+
+    def epoch_start(self) -> None:
+        self.last = None  # the step after an evaluation is not timed
+
+    def step_end(self, compile_seconds: float) -> Optional[tuple[float, str]]:
+        """Called after each training step (``compile_seconds``: the compile clock's total, left out of
+        the times). Once the trial is over: (seconds a step at the kept count, a note on the choice or "")."""
+        if self.done:
+            return None
+        now, current = time.perf_counter(), self.candidates[self.index]
+        if self.last is not None:
+            self.times[current].append(now - self.last[0] - (compile_seconds - self.last[1]))
+        self.last = (now, compile_seconds)
+        if len(self.times[current]) < TRIAL_STEPS:
+            return None
+        if self.index + 1 < len(self.candidates):
+            self.index += 1
+            torch.set_num_threads(self.candidates[self.index])
+            self.last = None  # the first step at a new count is not timed
+            return None
+        medians = {c: sorted(t)[len(t) // 2] for c, t in self.times.items()}
+        self.index = self.candidates.index(min(medians, key=medians.get))
+        self.done = True
+        torch.set_num_threads(self.chosen)
+        if len(self.candidates) == 1:
+            return medians[self.chosen], ""
+        timed = ", ".join(f"{c} thread{'s' * (c > 1)} {medians[c]:.2f}s" for c in self.candidates)
+        return medians[self.chosen], (
+            f"CPU threads: {self.chosen}, the fastest a step of {timed} (timed on the first steps); "
+            f"cpu_threads=N in overrides sets the count"
+        )

@@ -35,11 +35,12 @@ from models import ViT, alphas, count_parameters, gains
 from recipe import build_model, build_run, cpu_has_native_bf16
 from runs import history
 from runs.checkpoints import CHECKPOINT_FORMAT, BestRecord, ConfigMismatchError, best_summary, best_weights, snapshot
-from runs.console import CPU_ESTIMATE_STEPS, Console, live_curves, status_line
+from runs.console import Console, live_curves, status_line
 from runs.files import RunFiles
 from step import (
     CompileClock,
     CompiledStep,
+    CpuPace,
     attention_backend,
     compile_modes,
     compile_notes,
@@ -116,7 +117,7 @@ class Trainer:
         self.compile_cache = configure_process(self.device, cache, cfg.cpu_threads)
         self.compile_clock = CompileClock()  # compiling (and recording CUDA graphs) in this session
         self._interrupted = False  # an epoch started and did not finish: memory is not a checkpoint
-        self._cpu_estimate_due = self.device.type == "cpu"
+        self.pace = CpuPace(choose=cfg.cpu_threads == 0) if self.device.type == "cpu" else None
         self._build_state()
         self.amp_dtype = self.parts.amp_dtype
         schedule = self.parts.schedule
@@ -131,7 +132,6 @@ class Trainer:
         self.evaluator = Evaluator(data, cfg.eval_batch_size, cfg.clean_train_images, self.amp_dtype)
         self.files.test_images = len(data.x_test)  # best epochs compared in whole images
         self.columns = self.csv_columns()  # read once: the model's layers never change
-        self.console.hardware_warnings(self.device, self.amp_dtype, cpu_has_native_bf16())
         self.console.notes(self.compile_cache.note, *compile_notes(cfg, self._compile_modes, self.device))
 
     def _build_state(self) -> None:
@@ -150,6 +150,8 @@ class Trainer:
             self.compile_cache,
         )
         self._augment_compiled = False
+        if self.pace is not None:
+            self.pace.restart()
         self.epoch = 0  # completed epochs
         self.step = 0  # completed optimizer steps
         self.files.best = BestRecord()
@@ -179,6 +181,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_dict(),
             **self.parts.state_dict(self.device.type),
+            "cpu_threads": self.pace.chosen if self.pace is not None else 0,  # a count chosen by timing, kept
             "epoch": self.epoch,
             "step": self.step,
             "best_acc": self.best.acc,
@@ -192,6 +195,8 @@ class Trainer:
         exactly (``RunParts.load_state_dict``)."""
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.files.best = best_summary(state)
+        if self.pace is not None and not self.cfg.cpu_threads and state.get("cpu_threads"):
+            self.pace.keep(int(state["cpu_threads"]))  # the count it trained with: resumes as it would have gone on
         return self.parts.load_state_dict(state, self.cfg.seed * RESEED_STRIDE + self.epoch)
 
     def resume(self) -> Optional[int]:
@@ -291,6 +296,9 @@ class Trainer:
         correct = torch.zeros((), device=self.device)
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         seen = 0
+        self.console.hardware_warnings(self.device, self.amp_dtype, cpu_has_native_bf16())  # once, if it trains
+        if self.pace is not None:
+            self.pace.epoch_start()
         bar = self.console.epoch_bar(self.steps_per_epoch, self.epoch + 1)
         augment_compiling = self.augment.compiled is not None and not self._augment_compiled  # a failure clears it
         self.compile_cache.begin(bool(self._compile_modes) and not self.compiled_step.eval_proven)
@@ -306,10 +314,10 @@ class Trainer:
             seen += len(y)
             loss_sum += loss * len(y)
             correct += step_correct
-            if self._cpu_estimate_due and i + 1 == min(CPU_ESTIMATE_STEPS, self.steps_per_epoch):
-                self._cpu_estimate_due = False
-                elapsed = time.perf_counter() - start - self.compile_clock.since(compiling_before)
-                self.console.cpu_estimate(elapsed / (i + 1), self.steps_per_epoch, self.cfg.epochs - self.epoch)
+            paced = self.pace.step_end(self.compile_clock.seconds) if self.pace is not None else None
+            if paced is not None:  # the first steps are timed: the thread count kept, the time estimated
+                self.console.notes(paced[1])
+                self.console.cpu_estimate(paced[0], self.steps_per_epoch, self.cfg.epochs - self.epoch)
             if bar is not None:
                 bar.update(i, loss_sum, correct, seen)
         weights_finite = torch.stack([torch.isfinite(n) for n in torch._foreach_norm(self.compiled_step.params)]).all()

@@ -13,7 +13,6 @@ from runs import history as h
 
 MODES = ("bars", "lines", "off")  # progress bars and lines / a line per epoch (headless) / nothing on screen
 PROGRESS_EVERY = 50  # steps between progress-bar updates: the only host syncs inside an epoch
-CPU_ESTIMATE_STEPS = 3  # steps timed on a CPU before the first estimate of the time per epoch
 LIVE_EVERY_SECONDS = 10.0  # the live figure is redrawn after an epoch at most this often (and after the last)
 
 
@@ -60,6 +59,7 @@ class Console:
         self.log = log
         self.live = live  # the training curves redrawn in place (Jupyter with someone watching)
         self.epoch_seconds: list[float] = []  # wall seconds of each epoch trained here (compile time excluded)
+        self._hardware_said = False
 
     def say(self, line: str, echo: bool = True) -> None:
         """Log ``line`` and show it (unless ``echo`` is off or the mode is ``"off"``)."""
@@ -74,8 +74,12 @@ class Console:
                 self.say(f"note: {note}")
 
     def hardware_warnings(self, device: torch.device, amp_dtype: Optional[torch.dtype], native_bf16: bool) -> None:
-        """Said once, before training: a CPU is slow, and bf16 without native support slower still; on a
-        GPU, which autocast dtype runs (fp16 with a GradScaler on cards without native bf16, e.g. a T4)."""
+        """Said once, when training starts (not when nothing will train): a CPU is slow, and bf16 without
+        native support slower still; on a GPU, which autocast dtype runs (fp16 with a GradScaler on cards
+        without native bf16, e.g. a T4)."""
+        if self._hardware_said:
+            return
+        self._hardware_said = True
         if device.type == "cuda":
             name = torch.cuda.get_device_name(device)
             kind = "fp16 with a GradScaler" if amp_dtype == torch.float16 else str(amp_dtype).replace("torch.", "")
@@ -86,14 +90,8 @@ class Console:
         threads = torch.get_num_threads()
         self.say(
             f"WARNING: training on the CPU ({utils.plural(threads, 'thread')}), not a GPU. The time per epoch is "
-            f"estimated after the first {CPU_ESTIMATE_STEPS} steps. The default model needs days here; the "
-            f"notebook's one-line CPU setting (docs/running.md, 'On a CPU') finishes in minutes."
-            + (
-                " On a busy machine one thread can be several times faster than several: if the estimate looks "
-                "far off, run torch.set_num_threads(1) before building the trainer and compare."
-                if threads > 1
-                else ""
-            )
+            f"estimated after the first steps. The default model needs days here; the notebook's one-line CPU "
+            f"setting (docs/running.md, 'On a CPU') finishes in minutes."
         )
         if amp_dtype == torch.bfloat16 and not native_bf16:
             self.say(

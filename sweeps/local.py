@@ -64,10 +64,18 @@ def _launch(cfg: Config, gpu: Optional[int], per_process_threads: int) -> subpro
         )
 
 
-def run_sweep(runs: list[tuple[Config, dict]], per_gpu: int = 1, name: str = "sweep", progress: str = "lines"):
+def run_sweep(
+    runs: list[tuple[Config, dict]],
+    per_gpu: int = 1,
+    name: str = "sweep",
+    progress: str = "lines",
+    cpu_threads: int = 0,
+):
     """Train ``runs`` (from ``grid``) in child processes, ``per_gpu`` at a time per GPU; returns
     the table (``results``) as a pandas DataFrame and writes it with the group statistics.
-    ``progress``: ``"lines"`` (a line per started and ended run) or ``"off"``.
+    ``progress``: ``"lines"`` (a line per started and ended run) or ``"off"``. ``cpu_threads``: the
+    count this process chose (``Trainer.pace``), handed to children on the CPU one at a time whose
+    config does not set one; several at a time share the cores.
 
     Raises ``ValueError`` before training anything if a run's files were written by another config."""
     if per_gpu < 1:
@@ -84,6 +92,7 @@ def run_sweep(runs: list[tuple[Config, dict]], per_gpu: int = 1, name: str = "sw
     say(f"{name}: {len(runs)} runs, {len(runs) - len(pending)} finished already, {len(pending)} to train")
     slots = _slots(per_gpu)
     threads = max(1, (os.cpu_count() or 1) // len(slots))
+    inherited = cpu_threads if len(slots) == 1 else 0
     running: dict[int, tuple[subprocess.Popen, Config]] = {}
     try:
         while pending or running:
@@ -91,6 +100,8 @@ def run_sweep(runs: list[tuple[Config, dict]], per_gpu: int = 1, name: str = "sw
                 if not pending:
                     break
                 cfg, _ = pending.pop(0)
+                if slots[slot] is None and inherited and not cfg.cpu_threads:
+                    cfg = with_overrides(cfg, {"cpu_threads": inherited})  # may change within a run: same files
                 running[slot] = (_launch(cfg, slots[slot], threads), cfg)
                 where = f"GPU {slots[slot]}" if slots[slot] is not None else "CPU"
                 say(f"  started {cfg.name} on {where}")

@@ -460,7 +460,7 @@ def test_d9_values_config_cannot_run_are_refused_or_computed_lazily(tmp_path):
     from config import Config
     from recipe import warmup_steps
 
-    with pytest.raises(ValueError, match="eval_batch_size must be an integer >= 1 and <= 10000"):
+    with pytest.raises(ValueError, match="eval_batch_size must be an integer >= 0 and <= 10000"):
         Config(eval_batch_size=10**9)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1 and <= 50000"):
         Config(batch_size=10**9)
