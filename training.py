@@ -215,6 +215,7 @@ class Trainer:
             notes += self.files.open()
             if self.step:  # files closed after training (close()): what is on disk now is the truth
                 self._interrupted = True
+        restored = self._interrupted
         if self._interrupted:
             self.files.wait_for_saves()
             self._build_state()
@@ -222,6 +223,8 @@ class Trainer:
         state = self.files.read_latest()
         if state is None:
             notes += self.files.set_aside_earlier()
+            if restored:
+                self.console.say("starting again from epoch 1: no epoch had finished before the stop")
             self._interrupted = False
             self._start_session(f"fresh start (no {self.paths.latest})", notes)
             return None
@@ -244,6 +247,8 @@ class Trainer:
                     else ""
                 )
             )
+        if restored:  # the training cell run again after a stop: say where it goes on (cell 5 said it before)
+            self.console.say(f"resuming after epoch {self.epoch} of {self.cfg.epochs} (the stopped epoch starts again)")
         self._interrupted = False  # only now: the restore is complete
         self._start_session(
             f"resumed from {self.paths.latest} at epoch {self.epoch}/{self.cfg.epochs} (best test acc "
@@ -390,6 +395,7 @@ class Trainer:
         except KeyboardInterrupt:
             saved, in_epoch = self.epoch if self.paths.latest.exists() else None, self.step % self.steps_per_epoch
             stop = TrainingInterrupted(epoch, in_epoch, self.steps_per_epoch, self.paths.latest, saved)
+            self.console.stop_bars()
             self.files.log(f"STOPPED: {stop.message}")  # the log tells the whole story
             raise stop from None
         self.compile_cache.end()  # this epoch's compiles finished: the cache holds whole kernels

@@ -16,6 +16,9 @@ PROGRESS_EVERY = 50  # steps between progress-bar updates: the only host syncs i
 LIVE_EVERY_SECONDS = 10.0  # the live figure is redrawn after an epoch at most this often (and after the last)
 
 
+LINE_WIDTH = 110  # characters an output line may take before a notebook wraps it
+
+
 def status_line(epoch: int, epochs: int, best_acc: float, best_epoch: int, best_source: str) -> str:
     """One line on where a run stands: finished (and how to train longer) or stopped, and its best."""
     best = (
@@ -60,6 +63,8 @@ class Console:
         self.live = live  # the training curves redrawn in place (Jupyter with someone watching)
         self.epoch_seconds: list[float] = []  # wall seconds of each epoch trained here (compile time excluded)
         self._hardware_said = False
+        self._bar: Optional[EpochBar] = None  # the bars open now, closed as stopped after a stop
+        self._eval_bar = None
 
     def say(self, line: str, echo: bool = True) -> None:
         """Log ``line`` and show it (unless ``echo`` is off or the mode is ``"off"``)."""
@@ -100,26 +105,48 @@ class Console:
             )
 
     def epoch_line(self, epoch: int, epochs: int, stats: dict, best_acc: float, best_epoch: int) -> None:
-        """One line per epoch: losses, accuracies, seconds, and the time left for the run."""
-        clean = f" clean {100 * stats[h.TRAIN_CLEAN_ACC]:.1f}%" if h.TRAIN_CLEAN_ACC in stats else ""
+        """One line per epoch: losses, accuracies, the best epoch, seconds and the time left for the run
+        (the learning rate is in the CSV and the schedule figure); split in two where it would pass
+        ``LINE_WIDTH`` (a notebook's output width), and the compile seconds apart."""
+        if h.TRAIN_CLEAN_ACC in stats:  # the unaugmented accuracy says more than the augmented batches' (in the CSV)
+            train = f"train loss {stats[h.TRAIN_LOSS]:.3f} clean {100 * stats[h.TRAIN_CLEAN_ACC]:.1f}%"
+        else:
+            train = f"train loss {stats[h.TRAIN_LOSS]:.3f} acc {100 * stats[h.TRAIN_ACC]:.1f}%"
         ema = f" ema {100 * stats[h.EMA_TEST_ACC]:.2f}%" if h.EMA_TEST_ACC in stats else ""
         seconds = stats["train_seconds"] + stats["eval_seconds"] + stats["checkpoint_seconds"]
-        compiling = f" (+{stats['compile_seconds']:.0f}s compiling)" if stats["compile_seconds"] >= 0.5 else ""
-        self.say(
-            f"epoch {epoch:4d}/{epochs} lr {stats[h.LR]:.2e} | train loss {stats[h.TRAIN_LOSS]:.4f} "
-            f"acc {100 * stats[h.TRAIN_ACC]:.1f}%{clean} | test loss {stats[h.TEST_LOSS]:.4f} acc "
-            f"{100 * stats[h.TEST_ACC]:.2f}%{ema} (best {100 * best_acc:.2f}% @ {best_epoch}) | "
-            f"{seconds:.1f}s{compiling} | left ~{self.time_left(epochs - epoch)}"
+        best = "best" if best_epoch == epoch else f"best {100 * best_acc:.2f}% @ {best_epoch}"
+        scores = (
+            f"epoch {epoch:>{len(str(epochs))}}/{epochs} | {train} | test loss {stats[h.TEST_LOSS]:.3f} acc "
+            f"{100 * stats[h.TEST_ACC]:.2f}%{ema} ({best})"
         )
+        pace = f"{seconds:.0f}s, ~{self.time_left(epochs - epoch)} left"
+        if len(scores) + 3 + len(pace) <= LINE_WIDTH:
+            self.say(f"{scores} | {pace}")
+        else:
+            self.say(scores)
+            self.say(f"{' ' * 6}{pace}")
+        if stats["compile_seconds"] >= 0.5:
+            self.say(f"{' ' * 6}(and {stats['compile_seconds']:.0f}s compiling, not counted in the epoch's time)")
 
     def epoch_bar(self, steps: int, epoch: int) -> Optional[EpochBar]:
-        return EpochBar(steps, epoch) if self.mode == "bars" else None
+        self._bar = EpochBar(steps, epoch) if self.mode == "bars" else None
+        return self._bar
 
     def eval_bar(self, batches: int):
         """A short bar while the test set (and the clean training images) are scored; None unless bars."""
         if self.mode != "bars":
             return None
-        return utils.progress_bar(batches, "evaluating", leave=False, unit="batch")
+        self._eval_bar = utils.progress_bar(batches, "evaluating", leave=False, unit="batch")
+        return self._eval_bar
+
+    def stop_bars(self) -> None:
+        """After a stop: the open bars say so and close where they stopped (Jupyter shows a closed,
+        unfinished bar red), rather than stay blue as if training went on."""
+        for bar in (self._bar.bar if self._bar is not None else None, self._eval_bar):
+            if bar is not None and not getattr(bar, "disable", False) and bar.n < (bar.total or 0):
+                bar.set_description(f"{bar.desc.split(' (')[0]} (stopped)", refresh=False)
+                bar.close()
+        self._bar = self._eval_bar = None
 
     def epoch_done(self, device: torch.device, stats: dict, epochs_left: int, csv_path) -> None:
         """After an epoch's line: on a CPU, the estimate again after the first epoch (evaluation and

@@ -3,6 +3,7 @@ generated CIFAR-10 files in torchvision's layout, then again with more epochs to
 
 import ast
 import json
+import re
 import subprocess
 import sys
 import time
@@ -88,7 +89,7 @@ def test_notebook_trains_then_resumes(tmp_path):
     csv_path = tmp_path / "log" / "dyt_cifar10.csv"
     assert [r["epoch"] for r in read_csv(csv_path)] == ["1", "2"]
     log = (tmp_path / "log" / "dyt_cifar10.log").read_text()
-    assert log.count("epoch    ") == 2 and "environment: python=" in log
+    assert len(re.findall(r"epoch \d/\d \| ", log)) == 2 and "environment: python=" in log
     latest = torch.load(tmp_path / "checkpoint" / "dyt_cifar10_latest.pth", weights_only=True)
     best = torch.load(tmp_path / "checkpoint" / "dyt_cifar10_best.pth", weights_only=True)
     assert latest["epoch"] == 2 and latest["config"]["dim"] == 32 and 1 <= best["epoch"] <= 2
@@ -110,6 +111,7 @@ def test_notebook_trains_then_resumes(tmp_path):
 
     third = _execute(tmp_path, "third", epochs=3, **common)  # finished: results again, no training
     assert "finished: 3 of 3 epochs trained" in _text(third) and "To train longer, raise epochs" in _text(third)
+    assert _text(third).count("finished: 3 of 3 epochs trained") == 1  # the status once, not twice
     assert "resuming" not in _text(third) and len(read_csv(csv_path)) == 3
 
 
@@ -244,7 +246,7 @@ def test_the_readme_command_prints_epoch_lines_on_the_terminal_and_overrides_rea
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     terminal = done.stdout + done.stderr
     assert done.returncode == 0, terminal[-3000:]
-    assert "epoch    1/2" in terminal and "epoch    2/2" in terminal  # each epoch's line reaches the terminal
+    assert "epoch 1/2 |" in terminal and "epoch 2/2 |" in terminal  # each epoch's line reaches the terminal
     assert "it/s]" not in terminal and "step/s]" not in terminal  # no progress bars in a headless run
     assert "WARNING: training on the CPU (2 threads)" in terminal or "WARNING: training on the CPU" in terminal
     assert "CPU estimate after the first epoch" in terminal

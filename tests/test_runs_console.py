@@ -15,11 +15,33 @@ from training import Trainer, TrainingInterrupted
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class Bar:
+    """A recording stand-in for ``utils.progress_bar`` (tqdm's ``n``, ``total``, ``desc``, ``disable``)."""
+
+    made: list = []
+
+    def __init__(self, total, desc="", **kwargs):
+        self.total, self.desc, self.n, self.disable = total, desc, 0, False
+        Bar.made.append(self)
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def set_description(self, desc, refresh=True):
+        self.desc = desc
+
+    def close(self):
+        self.disable = True
+
+
 def test_lines_mode_prints_each_epoch_and_the_cpu_estimates_with_evaluation(cifar, tmp_path, capsys):
     t = Trainer(tiny(tmp_path, epochs=2), cifar, progress="lines")
     train_all(t)
     out = capsys.readouterr().out
-    assert out.count("epoch    1/2") == 1 and out.count("epoch    2/2") == 1
+    assert out.count("epoch 1/2 |") == 1 and out.count("epoch 2/2 |") == 1
     assert "CPU estimate: about" in out and "(evaluation not included)" in out
     estimate = next(line for line in out.splitlines() if line.startswith("CPU estimate after the first epoch"))
     assert "evaluation" in estimate and "for the 1 epoch left" in estimate  # one epoch, not "1 epochs"
@@ -31,32 +53,17 @@ def test_off_mode_shows_nothing_and_logs_everything(cifar, tmp_path, capsys):
     train_all(t)
     assert capsys.readouterr().out == ""
     log = t.paths.log.read_text()
-    assert "epoch    1/1" in log and "CPU estimate" in log
+    assert "epoch 1/1 |" in log and "CPU estimate" in log
 
 
 def test_bars_mode_shows_an_evaluation_bar_over_every_forward_pass(cifar, tmp_path, monkeypatch):
-    made = []
-
-    class Bar:
-        def __init__(self, total, desc="", **kwargs):
-            self.total, self.desc, self.n, self.closed = total, desc, 0, False
-            made.append(self)
-
-        def update(self, n=1):
-            self.n += n
-
-        def set_postfix(self, **kwargs):
-            pass
-
-        def close(self):
-            self.closed = True
-
+    Bar.made = []
     monkeypatch.setattr(utils, "progress_bar", Bar)
     t = Trainer(tiny(tmp_path, epochs=1, ema_decay=0.9, clean_train_images=64, eval_batch_size=20), cifar)
     train_all(t)
-    evaluating = [b for b in made if b.desc == "evaluating"]
+    evaluating = [b for b in Bar.made if b.desc == "evaluating"]
     # 50 test images in 3 passes, for the trained and the EMA weights, and 64 clean training images in 4.
-    assert len(evaluating) == 1 and evaluating[0].total == evaluating[0].n == 3 + 3 + 4 and evaluating[0].closed
+    assert len(evaluating) == 1 and evaluating[0].total == evaluating[0].n == 3 + 3 + 4 and evaluating[0].disable
 
 
 def test_live_curves_draw_once_then_update_in_place_at_most_every_few_seconds(tmp_path, monkeypatch):
@@ -102,8 +109,10 @@ def test_papermill_and_nbconvert_kernels_are_headless(monkeypatch, tmp_path):
     assert not utils.headless_kernel()
 
 
-def test_the_stop_message_is_a_few_lines_and_still_a_keyboard_interrupt(cifar, tmp_path, monkeypatch):
-    t = Trainer(tiny(tmp_path, epochs=2), cifar, progress="off")
+def test_the_stop_message_is_a_few_lines_and_still_a_keyboard_interrupt(cifar, tmp_path, monkeypatch, capsys):
+    Bar.made = []
+    monkeypatch.setattr(utils, "progress_bar", Bar)
+    t = Trainer(tiny(tmp_path, epochs=2), cifar, progress="bars")
     t.resume()
     t.run_epoch(1)
     real = t.train_step
@@ -121,8 +130,13 @@ def test_the_stop_message_is_a_few_lines_and_still_a_keyboard_interrupt(cifar, t
     assert shown.startswith(f"TrainingInterrupted: Stopped in epoch 2 at step 2 of {t.steps_per_epoch};")  # the bar's
     assert f"STOPPED: Stopped in epoch 2 at step 2 of {t.steps_per_epoch}" in t.paths.log.read_text()
     assert f"the last checkpoint is {t.paths.latest} (epoch 1)" in shown and "Run this cell again" in shown
+    stopped = Bar.made[-1]  # the epoch's bar: marked and closed where it stopped, not left running
+    assert stopped.desc == "epoch 2 (stopped)" and stopped.disable and stopped.n == 2 < stopped.total
+    assert all(b.disable for b in Bar.made)
     monkeypatch.undo()
-    train_all(t)
+    capsys.readouterr()
+    train_all(t)  # the cell run again: the page says where it goes on
+    assert "resuming after epoch 1 of 2 (the stopped epoch starts again)" in capsys.readouterr().out
     assert t.epoch == 2 and torch.isfinite(next(t.model.parameters())).all()
 
 
@@ -200,3 +214,30 @@ def test_the_live_figure_after_one_epoch_shows_points(tmp_path):
     lines = [line for a in fig.axes for line in a.get_lines()]
     assert lines and all(line.get_marker() == "o" for line in lines)  # visible, not one-point lines
     assert (tmp_path / "live.png").exists()
+
+
+def test_epoch_lines_fit_a_notebook_and_split_where_they_would_not():
+    lines = []
+    c = Console("off", lines.append)
+    c.epoch_seconds = [33.4]
+    cpu = {"lr": 3e-3, "train_loss": 2.0818, "train_acc": 0.232, "train_clean_acc": 0.292, "test_loss": 1.9413,
+           "test_acc": 0.2836, "train_seconds": 30.1, "eval_seconds": 3.2, "checkpoint_seconds": 0.1,
+           "compile_seconds": 0.0}  # fmt: skip
+    c.epoch_line(1, 10, cpu, 0.2836, 1)
+    assert lines == [
+        "epoch  1/10 | train loss 2.082 clean 29.2% | test loss 1.941 acc 28.36% (best) | 33s, ~5m 01s left"
+    ]
+    lines.clear()
+    c.epoch_seconds = [64.0] * 5
+    gpu = {**cpu, "ema_test_acc": 0.8650, "compile_seconds": 103.0}
+    c.epoch_line(120, 200, gpu, 0.8650, 119)
+    assert len(lines) == 3 and all(len(line) <= 110 for line in lines)
+    assert lines[0] == (
+        "epoch 120/200 | train loss 2.082 clean 29.2% | test loss 1.941 acc 28.36% ema 86.50% (best 86.50% @ 119)"
+    )
+    assert lines[1] == "      33s, ~1h 25m left"
+    assert lines[2] == "      (and 103s compiling, not counted in the epoch's time)"
+    lines.clear()
+    c.epoch_line(2, 10, {k: v for k, v in cpu.items() if k != "train_clean_acc"}, 0.3, 1)
+    assert lines[0].startswith("epoch  2/10 | train loss 2.082 acc 23.2% | ")  # no clean accuracy: the batches'
+    assert "(best 30.00% @ 1) | 33s" in lines[0] and len(lines) == 1
