@@ -6,6 +6,7 @@ and pandas; every plot reads files or tensors, so it can be redrawn without trai
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,7 +38,6 @@ def plot_run(csv_path: str | Path, out_path: str | Path, title: str = "", mixup:
     both, beside them), from the CSV alone. ``mixup``: whether the run mixed its training images (the
     labels say so). Returns the figure."""
     import pandas as pd
-    from matplotlib import colormaps
     from matplotlib.ticker import MaxNLocator
 
     df = pd.read_csv(csv_path)
@@ -65,24 +65,65 @@ def plot_run(csv_path: str | Path, out_path: str | Path, title: str = "", mixup:
     a.grid(alpha=0.3)
     ax[0, 2].plot(df[h.EPOCH], df[h.LR])
     ax[0, 2].set(title="learning rate (end of epoch)")
-    colors = colormaps["viridis"]
     layers = [c[len(h.GAIN) :] for c in df.columns if c.startswith(h.GAIN)]
+    styles = layer_styles(layers)
     for col, (prefix, what) in enumerate(((h.ALPHA, "DyT alpha"), (h.GAIN, "norm gain: mean |weight| x alpha"))):
         a = ax[1, col]
         shown = [n for n in layers if prefix + n in df]
-        for i, n in enumerate(shown):  # first layer dark, last (the final norm) light
-            a.plot(df[h.EPOCH], df[prefix + n], label=n, color=colors(i / max(len(layers) - 1, 1)))
+        for n in shown:
+            a.plot(df[h.EPOCH], df[prefix + n], label=n, linewidth=1.6, **styles[n])
         a.set(title=f"{what} per layer" if shown else "no DyT layers (LayerNorm run)")
-    handles, labels = ax[1, 1].get_legend_handles_labels()
     ax[1, 2].axis("off")
-    if handles:
-        ax[1, 2].legend(handles, labels, loc="center left", fontsize=8, ncol=2, title="layer")
+    if layers:
+        ax[1, 2].legend(handles=layer_legend(layers), loc="center left", fontsize=11, title="layer", title_fontsize=11)
     for a in ax.flat:
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.set(xlabel="epoch")
     fig.suptitle(title or Path(csv_path).stem)
     _save(fig, out_path)
     return fig
+
+
+BLOCK_NORM = re.compile(r"blocks\.(\d+)\.norm([12])")  # a block's norms: norm1 before attention, norm2 the MLP's
+SLOT_STYLES = {"1": "-", "2": "--"}
+
+
+def layer_styles(layers: list[str]) -> dict[str, dict]:
+    """A line style per norm layer: the colour says the depth (a block's two norms share it, from dark
+    purple at the first block to yellow at the last), the dash says the slot (solid: before attention,
+    dashed: before the MLP); any other norm (the final one) is black."""
+    from matplotlib import colormaps
+
+    blocks = sorted({int(m.group(1)) for n in layers if (m := BLOCK_NORM.fullmatch(n))})
+    ramp = colormaps["plasma"]
+    styles = {}
+    for n in layers:
+        m = BLOCK_NORM.fullmatch(n)
+        if m:
+            depth = blocks.index(int(m.group(1))) / max(len(blocks) - 1, 1)
+            styles[n] = {"color": ramp(0.88 * depth), "linestyle": SLOT_STYLES[m.group(2)]}
+        else:
+            styles[n] = {"color": "black", "linestyle": ":"}
+    return styles
+
+
+def layer_legend(layers: list[str]) -> list:
+    """Legend entries for ``layer_styles``: one per block (its colour), the two slots (their dashes) and
+    each other norm: a dozen layers read as a few entries."""
+    from matplotlib.lines import Line2D
+
+    styles = layer_styles(layers)
+    handles, seen = [], set()
+    for n in layers:
+        m = BLOCK_NORM.fullmatch(n)
+        label = f"block {int(m.group(1)) + 1}" if m else n
+        if label not in seen:
+            seen.add(label)
+            handles.append(Line2D([], [], color=styles[n]["color"], linestyle="-" if m else ":", label=label))
+    if any(BLOCK_NORM.fullmatch(n) for n in layers):
+        handles.append(Line2D([], [], color="grey", linestyle="-", label="norm1 (before attention)"))
+        handles.append(Line2D([], [], color="grey", linestyle="--", label="norm2 (before the MLP)"))
+    return handles
 
 
 def plot_progress(csv_path: str | Path, out_path: str | Path, title: str = ""):

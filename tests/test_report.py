@@ -92,3 +92,24 @@ def test_each_series_keeps_its_colour_across_panels_and_comparison_ticks_are_who
     fig = figures.plot_groups({"dyt": [csv_path], "ln": [csv_path]}, tmp_path / "groups.png")
     ticks = fig.axes[0].get_xticks()
     assert all(float(t).is_integer() for t in ticks)
+
+
+def test_layer_styles_tell_depth_by_colour_and_slot_by_dash():
+    from matplotlib.colors import to_rgb
+
+    import figures
+
+    layers = [f"blocks.{b}.norm{k}" for b in range(6) for k in (1, 2)] + ["norm"]
+    styles = figures.layer_styles(layers)
+    assert styles["blocks.2.norm1"]["color"] == styles["blocks.2.norm2"]["color"]  # one block, one colour
+    assert (styles["blocks.2.norm1"]["linestyle"], styles["blocks.2.norm2"]["linestyle"]) == ("-", "--")
+    colours = [to_rgb(styles[f"blocks.{b}.norm1"]["color"]) for b in range(6)]
+    gaps = [sum(abs(x - y) for x, y in zip(a, b)) for a, b in zip(colours, colours[1:])]
+    assert min(gaps) > 0.15  # neighbouring blocks are told apart
+    assert styles["norm"] == {"color": "black", "linestyle": ":"}
+    labels = [h.get_label() for h in figures.layer_legend(layers)]
+    assert labels == [f"block {b}" for b in range(1, 7)] + [
+        "norm",
+        "norm1 (before attention)",
+        "norm2 (before the MLP)",
+    ]

@@ -307,7 +307,9 @@ def test_plots_are_drawn_from_the_csv_alone(tmp_path):
     assert not any("mixup" in t.get_text() for a in (loss, acc) for t in a.get_legend().get_texts())
     assert [line.get_label() for line in gain.get_lines()] == ["blocks.0.norm1", "norm"]
     assert list(gain.get_lines()[1].get_ydata()) == pytest.approx([0.39, 0.38, 0.37])
-    assert [t.get_text() for t in legend.get_legend().get_texts()] == ["blocks.0.norm1", "norm"]  # beside, not over
+    texts = [t.get_text() for t in legend.get_legend().get_texts()]  # beside the panels, not over them
+    assert texts == ["block 1", "norm", "norm1 (before attention)", "norm2 (before the MLP)"]
+    assert legend.get_legend().get_texts()[0].get_fontsize() >= 10  # readable inline
     assert all(float(t).is_integer() for t in loss.get_xticks())  # 3 epochs: no tick at 1.5
 
 
