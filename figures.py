@@ -213,14 +213,29 @@ def plot_schedule(
     steps_per_epoch: int,
     out_path: Optional[str | Path] = None,
     title: str = "",
+    trained_csv: Optional[str | Path] = None,
 ):
     """The learning rate over the whole run (``lr_at_step`` at up to ``SCHEDULE_POINTS`` steps, the
-    first and last included), with the x axis in epochs."""
-    count = min(total_steps, SCHEDULE_POINTS)
-    steps = sorted({round(i * (total_steps - 1) / max(count - 1, 1)) for i in range(count)})
+    first and last included), with the x axis in epochs. With ``trained_csv`` (the run's CSV, when it has
+    rows), the epochs already trained are drawn from it as they were trained (the learning rate at each
+    epoch's end; after ``epochs`` was raised that is the old schedule) and the schedule only from there
+    on, as what is left to train."""
+    import pandas as pd
+
+    done = pd.read_csv(trained_csv) if trained_csv is not None and Path(trained_csv).exists() else None
+    done = done[[h.EPOCH, h.LR]].dropna() if done is not None and len(done) else None
+    first = min(int(done[h.EPOCH].max()) * steps_per_epoch, total_steps - 1) if done is not None else 0
+    count = min(total_steps - first, SCHEDULE_POINTS)
+    steps = sorted({first + round(i * (total_steps - 1 - first) / max(count - 1, 1)) for i in range(count)})
     fig, ax = _figure(1, 1, (6, 2.6))
     a = ax[0, 0]
-    a.plot([s / steps_per_epoch for s in steps], [lr_at_step(s) for s in steps])
+    if done is not None:
+        a.plot(done[h.EPOCH], done[h.LR], color="grey", marker=".", label="trained (CSV, end of each epoch)")
+    if done is None or first < total_steps - 1:
+        label = "to train" if done is not None else None
+        a.plot([s / steps_per_epoch for s in steps], [lr_at_step(s) for s in steps], color=C["train"], label=label)
+    if done is not None:
+        a.legend(fontsize=8)
     a.set(title=title or "learning rate", xlabel="epoch", ylabel="lr")
     a.grid(alpha=0.3)
     if out_path is not None:

@@ -113,3 +113,22 @@ def test_layer_styles_tell_depth_by_colour_and_slot_by_dash():
         "norm1 (before attention)",
         "norm2 (before the MLP)",
     ]
+
+
+def test_the_schedule_after_raising_epochs_shows_what_was_trained_and_what_is_left(tmp_path):
+    import figures
+
+    csv_path = tmp_path / "run.csv"
+    for epoch, lr in ((1, 0.001), (2, 0.0005)):  # trained on a 2-epoch cosine
+        history.append_csv(csv_path, {"epoch": epoch, "lr": lr, "test_acc": 0.5})
+    new = lambda step: 0.001 * (1 - step / 40)  # noqa: E731 - the raised run's schedule, 10 steps an epoch
+    fig = figures.plot_schedule(new, 40, 10, tmp_path / "s.png", trained_csv=csv_path)
+    trained, left = fig.axes[0].get_lines()
+    assert trained.get_label().startswith("trained") and list(trained.get_ydata()) == [0.001, 0.0005]
+    assert left.get_label() == "to train" and left.get_xdata()[0] == 2.0 and left.get_xdata()[-1] == 3.9
+    assert left.get_ydata()[0] == pytest.approx(new(20))  # the new schedule from the first untrained step
+    fresh = figures.plot_schedule(new, 40, 10, trained_csv=tmp_path / "none.csv")  # nothing trained yet
+    (line,) = fresh.axes[0].get_lines()
+    assert line.get_xdata()[0] == 0.0 and fresh.axes[0].get_legend() is None
+    done = figures.plot_schedule(new, 20, 10, trained_csv=csv_path)  # all trained: nothing left to draw
+    assert [x.get_label() for x in done.axes[0].get_lines()] == ["trained (CSV, end of each epoch)"]
