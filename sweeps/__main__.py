@@ -14,7 +14,7 @@ import json
 import sys
 
 from config import recipe_config
-from sweeps.local import run_sweep
+from sweeps.local import SweepInterrupted, run_sweep
 from sweeps.runs import check_sweep_name, expand, show, train_run, write_results
 
 
@@ -88,6 +88,8 @@ def main(argv=None) -> None:
             table = run_sweep(runs, args.per_gpu, args.name)
     except (ValueError, RuntimeError, PermissionError) as e:  # another config's files; Ray missing; a folder
         ap.exit(2, f"{ap.prog}: error: {e}\n")
+    except SweepInterrupted as stop:  # Ctrl-C: what stopped and how to go on, not a traceback
+        ap.exit(130, stop.message + "\n")
     show(table)
 
 

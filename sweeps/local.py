@@ -18,9 +18,12 @@ from typing import Optional
 
 import torch
 
+import utils
 from config import Config, with_overrides
 from data import ensure_cifar10
+from runs import history
 from runs.files import RunPaths
+from runs.history import read_csv
 from sweeps.runs import (
     DONE,
     check_folders,
@@ -64,6 +67,50 @@ def _launch(cfg: Config, gpu: Optional[int], per_process_threads: int) -> subpro
         )
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """The stop button (or Ctrl-C) while a sweep's children train: each was stopped after its last
+    finished epoch. Still a ``KeyboardInterrupt``; Jupyter shows these few lines, not a traceback."""
+
+    def __init__(self, stopped: list[tuple[str, int, int]]):
+        runs = [f"  {name}: {saved} of {epochs} epochs saved" for name, saved, epochs in stopped]
+        self.message = "\n".join(
+            [f"Stopped; {len(stopped)} run(s) were training and stopped after their last finished epoch:", *runs]
+            + ["Finished runs are kept. Run this cell (or the same command) again to continue the others."]
+        )
+        super().__init__(self.message)
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"SweepInterrupted: {self.message}"]
+
+
+class ChildProgress:
+    """A line per epoch a running child finishes (its epoch, test accuracy and time left), read from
+    the CSV it writes, so a sweep on a slow machine shows more than "started"."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.csv, self.size = cfg, RunPaths.of(cfg).csv, -1
+        self.said = len(read_csv(self.csv)) if self.csv.exists() else 0  # rows of an earlier session: not news
+
+    def lines(self) -> list[str]:
+        size = self.csv.stat().st_size if self.csv.exists() else 0
+        if size == self.size:
+            return []
+        self.size = size
+        rows = read_csv(self.csv) if size else []
+        new, self.said = rows[self.said :], max(self.said, len(rows))
+        out = []
+        for row in new:
+            try:
+                epoch, acc = int(row[history.EPOCH]), 100 * float(row[history.TEST_ACC])
+                seconds = sum(float(row[k] or 0) for k in history.TIME_COLUMNS[:3])
+            except (KeyError, ValueError):  # a row being written: read again at the next poll
+                self.said -= 1
+                break
+            left = utils.duration(seconds * (self.cfg.epochs - epoch))
+            out.append(f"    {self.cfg.name}: epoch {epoch}/{self.cfg.epochs}, test {acc:.2f}%, ~{left} left")
+        return out
+
+
 def run_sweep(
     runs: list[tuple[Config, dict]],
     per_gpu: int = 1,
@@ -94,6 +141,7 @@ def run_sweep(
     threads = max(1, (os.cpu_count() or 1) // len(slots))
     inherited = cpu_threads if len(slots) == 1 else 0
     running: dict[int, tuple[subprocess.Popen, Config]] = {}
+    watched: dict[str, ChildProgress] = {}
     try:
         while pending or running:
             for slot in [s for s in range(len(slots)) if s not in running]:
@@ -102,15 +150,19 @@ def run_sweep(
                 cfg, _ = pending.pop(0)
                 if slots[slot] is None and inherited and not cfg.cpu_threads:
                     cfg = with_overrides(cfg, {"cpu_threads": inherited})  # may change within a run: same files
+                watched[cfg.name] = ChildProgress(cfg)
                 running[slot] = (_launch(cfg, slots[slot], threads), cfg)
                 where = f"GPU {slots[slot]}" if slots[slot] is not None else "CPU"
                 say(f"  started {cfg.name} on {where}")
             time.sleep(POLL_SECONDS)
             for slot, (proc, cfg) in list(running.items()):
-                if proc.poll() is not None:
+                ended = proc.poll() is not None  # asked first: an ended child's last row is read below
+                for line in watched[cfg.name].lines():
+                    say(line)
+                if ended:
                     del running[slot]
                     say(f"  {cfg.name}: exit code {proc.returncode}")
-    except BaseException:  # an interrupt stops the children too; their runs resume next time
+    except BaseException as error:  # an interrupt stops the children too; their runs resume next time
         for proc, _ in running.values():
             proc.send_signal(signal.SIGINT)
         try:
@@ -122,5 +174,8 @@ def run_sweep(
         except KeyboardInterrupt:  # interrupted again while waiting: stop the children now
             for proc, _ in running.values():
                 proc.kill()
+        if isinstance(error, KeyboardInterrupt):
+            saved = [(c.name, run_result(c)["epochs"], c.epochs) for _, c in running.values()]
+            raise SweepInterrupted(saved) from None
         raise
     return write_results(runs, name)

@@ -132,7 +132,7 @@ from training import Trainer
 cfg = Config(epochs=3, dim=16, depth=1, heads=2, batch_size=10, device="cpu", data_dir={str(data)!r}, verify_data=False,
              checkpoint_dir={str(tmp_path / "ck")!r}, log_dir={str(tmp_path / "log")!r},
              plot_dir={str(tmp_path / "p")!r})
-trainer = Trainer(cfg, load_data(cfg), progress="off")
+trainer = Trainer(cfg, load_data(cfg), progress="lines")
 real_step = trainer.train_step
 def slow_step(x, t):
     if trainer.step == 35:  # into epoch 2 (30 steps an epoch): tell the test, then give it time to interrupt
@@ -154,14 +154,23 @@ trainer.train_step = slow_step
         shown = "\n".join(reply["content"]["traceback"])  # what Jupyter prints under the cell: a few lines
         assert len(shown.splitlines()) <= 3 and "Stopped in epoch 2 at step" in shown
         assert "the last checkpoint is" in shown and "(epoch 1)" in shown and "Run this cell again to resume" in shown
-        assert kc.execute_interactive(loop, timeout=120)["content"]["status"] == "ok"
+        assert re.search(r"at step ([5-9]|[1-2]\d) of 30;", shown)  # the step within the epoch, as the bar counts
+        said = []
+
+        def hook(msg):
+            if msg["msg_type"] == "stream":
+                said.append(msg["content"]["text"])
+
+        assert kc.execute_interactive(loop, timeout=120, output_hook=hook)["content"]["status"] == "ok"
+        assert "resuming after epoch 1 of 3 (the stopped epoch starts again)" in "".join(said)  # on the page
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
     latest = torch.load(tmp_path / "ck" / "dyt_cifar10_latest.pth", weights_only=True)
     assert latest["epoch"] == 3 and latest["step"] == 3 * 30
     assert [r["epoch"] for r in read_csv(tmp_path / "log" / "dyt_cifar10.csv")] == ["1", "2", "3"]
-    assert "restored after an interrupted epoch" in (tmp_path / "log" / "dyt_cifar10.log").read_text()
+    log = (tmp_path / "log" / "dyt_cifar10.log").read_text()
+    assert "restored after an interrupted epoch" in log and "STOPPED: Stopped in epoch 2 at step" in log
 
 
 def test_every_parameter_has_a_type_and_a_help_line_for_papermill():

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import sweeps
 from config import RECIPES, Config
@@ -282,3 +283,60 @@ def pd_read(path):
     import pandas as pd
 
     return pd.read_csv(path)
+
+
+class FakeChild:
+    """A child process that never ends by itself; records the signal it is sent."""
+
+    returncode = None
+
+    def __init__(self):
+        self.signals = []
+
+    def poll(self):
+        return self.returncode
+
+    def send_signal(self, sig):
+        self.signals.append(sig)
+        self.returncode = -sig
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+    def kill(self):
+        self.returncode = -9
+
+
+def test_a_sweep_shows_each_childs_epochs_and_a_stop_says_what_stopped(tmp_path, monkeypatch, capsys):
+    data = write_fake_cifar10(tmp_path / "data", per_batch=20, test=40)
+    runs = sweeps.grid(_base(tmp_path, data, epochs=4), {"seed": [0, 1]})
+    children = []
+
+    def launch(cfg, gpu, threads):
+        children.append(FakeChild())
+        return children[-1]
+
+    polls = {"n": 0}
+
+    def poll_sleep(seconds):  # between polls the first child finishes an epoch, then the user stops
+        polls["n"] += 1
+        if polls["n"] <= 2:
+            row = {"epoch": polls["n"], "test_acc": 0.25 * polls["n"], "train_seconds": 50.0, "eval_seconds": 9.0,
+                   "checkpoint_seconds": 1.0}  # fmt: skip
+            history.append_csv(RunPaths.of(runs[0][0]).csv, row)
+        else:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweeps.local, "_launch", launch)
+    monkeypatch.setattr(sweeps.local.time, "sleep", poll_sleep)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(KeyboardInterrupt) as info:
+        sweeps.run_sweep(runs, per_gpu=1, name="watched")
+    out = capsys.readouterr().out
+    name = runs[0][0].name
+    assert f"    {name}: epoch 1/4, test 25.00%, ~3m 00s left" in out
+    assert f"    {name}: epoch 2/4, test 50.00%, ~2m 00s left" in out
+    assert children[0].signals == [signal.SIGINT] and len(children) == 1  # one at a time: the second never started
+    (shown,) = info.value._render_traceback_()
+    assert isinstance(info.value, sweeps.local.SweepInterrupted) and len(shown.splitlines()) == 3
+    assert f"  {name}: 2 of 4 epochs saved" in shown and "Run this cell (or the same command) again" in shown
