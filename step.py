@@ -120,17 +120,51 @@ class CompileCache:
             self._marker = None
 
 
-def configure_process(device: torch.device, compile_cache: Optional[Path], cpu_threads: int = 0) -> CompileCache:
-    """The process-wide settings a training run makes, all here: Inductor's kernel cache in
-    ``compile_cache`` (None: left as it is), so a second process of the same shapes starts in seconds;
-    on a CPU, ``cpu_threads`` torch threads (0: left as they are); and on CUDA, TF32 for the few float32
-    matmuls (the loss, the head under fp16). They affect every later compile and matmul of this process,
-    not only this run's. The C++ compiler's command line
-    breaks on a path with a space or a quote, so such a folder's cache lives in a folder of its own
-    under the system's temp folder (``CompileCache.note`` says so)."""
+_compiled_variant: Optional[str] = None  # what this process last compiled (compile_variant), if anything
+
+
+def compile_variant(attention: str, modes: list[str]) -> str:
+    """What changes the code torch.compile generates, as a folder name: the torch version, the attention
+    backend, the compile modes (autotune and CUDA graphs among them) and Inductor's combo kernels. Each
+    variant keeps its own kernel cache, and a process that compiled one variant resets Dynamo before
+    compiling another: otherwise a second model compiles nothing and runs the first one's graph
+    (measured: attention="math" after "flash" ran the flash kernel)."""
+    import torch._inductor.config as inductor
+
+    parts = [
+        f"torch-{torch.__version__}",
+        f"attention-{attention}",
+        "+".join(modes),
+        f"combo-{int(inductor.combo_kernels)}",
+    ]
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", "_".join(parts))
+
+
+def configure_process(
+    device: torch.device, compile_cache: Optional[Path], cpu_threads: int = 0, variant: str = ""
+) -> CompileCache:
+    """The process-wide settings a training run makes, all here. ``variant`` (``compile_variant``; ""
+    for an eager run): with ``compile_cache`` the kernels are kept in its folder for that variant, so a
+    second process of the same shapes starts in seconds; without, every cache is off and compiling starts
+    from scratch. A process that compiled another variant before is reset first. On a CPU,
+    ``cpu_threads`` torch threads (0: left as they are); on CUDA, TF32 for the few float32 matmuls (the
+    loss, the head under fp16). They affect every later compile and matmul of this process, not only
+    this run's. The C++ compiler's command line breaks on a path with a space or a quote, so such a
+    folder's cache lives in a folder of its own under the system's temp folder (``CompileCache.note``
+    says so)."""
+    global _compiled_variant
     cache = CompileCache(None)
-    if compile_cache is not None:
-        path = Path(compile_cache).resolve()
+    if variant:
+        import torch._inductor.config as inductor
+
+        if _compiled_variant is not None and (variant != _compiled_variant or compile_cache is None):
+            torch._dynamo.reset()  # another variant's (or a cached) graph must not be reused
+        _compiled_variant = variant
+        inductor.force_disable_caches = compile_cache is None
+        if compile_cache is None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dyt_cifar10_fresh_compile_")
+    if variant and compile_cache is not None:
+        path = (Path(compile_cache) / variant).resolve()
         if not SAFE_PATH.fullmatch(str(path)):
             safe = Path(tempfile.gettempdir()) / "dyt_cifar10_compile_cache" / hashlib.sha1(bytes(path)).hexdigest()
             cache.note = (

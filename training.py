@@ -44,6 +44,7 @@ from step import (
     attention_backend,
     compile_modes,
     compile_notes,
+    compile_variant,
     configure_process,
     synced_time,
 )
@@ -114,7 +115,8 @@ class Trainer:
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self._compile_modes = compile_modes(use_compile, self.device, cfg.cuda_graphs, cfg.autotune)
         cache = self.paths.compile_cache if self._compile_modes and cfg.compile_cache else None
-        self.compile_cache = configure_process(self.device, cache, cfg.cpu_threads)
+        variant = compile_variant(cfg.attention, self._compile_modes) if self._compile_modes else ""
+        self.compile_cache = configure_process(self.device, cache, cfg.cpu_threads, variant)
         self.compile_clock = CompileClock()  # compiling (and recording CUDA graphs) in this session
         self._interrupted = False  # an epoch started and did not finish: memory is not a checkpoint
         self.pace = CpuPace(choose=cfg.cpu_threads == 0) if self.device.type == "cpu" else None

@@ -243,7 +243,7 @@ def test_r7_a_process_that_died_while_compiling_gets_its_cache_moved_aside(tmp_p
     import subprocess
     import sys
 
-    from step import CompileCache, configure_process
+    from step import CompileCache
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -251,8 +251,9 @@ def test_r7_a_process_that_died_while_compiling_gets_its_cache_moved_aside(tmp_p
     cache_dir.mkdir()
     (cache_dir / f".compiling-{socket.gethostname()}-{dead.pid}").touch()  # it crashed mid-compile
     (cache_dir / "kernel.so").write_bytes(b"half a kernel")
-    cache = configure_process(__import__("torch").device("cpu"), cache_dir)
-    assert "stopped while compiling" in cache.note and "moved to" in cache.note
+    cache = CompileCache(cache_dir)
+    note = cache.check_for_crashes()  # what configure_process asks of a run's cache before any compile
+    assert "stopped while compiling" in note and "moved to" in note
     assert not (cache_dir / "kernel.so").exists() and len(list(tmp_path.glob("compile_cache.*.damaged"))) == 1
     live = CompileCache(tmp_path / "other")
     live.begin()
@@ -286,7 +287,10 @@ def test_r6_r7_a_checkpoint_dir_with_a_space_compiles_and_a_crashed_compile_is_r
     from pathlib import Path
 
     root = tmp_path / "my runs"  # a space: the C++ compiler's command line breaks on it
-    key = hashlib.sha1(bytes((root / "checkpoint" / "compile_cache").resolve())).hexdigest()
+    from step import compile_variant
+
+    variant = compile_variant("auto", ["default"])  # each variant's kernels in a folder of its own
+    key = hashlib.sha1(bytes((root / "checkpoint" / "compile_cache" / variant).resolve())).hexdigest()
     cache = Path(tempfile.gettempdir()) / "dyt_cifar10_compile_cache" / key  # where it goes instead
     child = CACHE_CHILD.format(path=sys.path)
     outputs = []

@@ -3,6 +3,7 @@ with its fallback, compile time kept apart, the loss inside the compiled region,
 fallback. The CUDA-graph path itself needs a GPU (bench/benchmark.py); what a CPU can compare is here."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,14 +291,27 @@ def test_compiled_runs_count_compile_time_once_and_a_second_process_reuses_the_k
     assert seconds[1] < 0.5 * seconds[0], seconds  # a ratio of the two, not a time
 
 
-def test_compile_cache_points_inductor_at_the_runs_folder_only_when_compiling(cifar, tmp_path, monkeypatch):
+def test_compile_cache_points_inductor_at_the_runs_folder_per_variant_or_turns_caching_off(
+    cifar, tmp_path, monkeypatch
+):
+    import torch._inductor.config as inductor
+
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
-    Trainer(tiny(tmp_path / "a", compile=True, compile_cache=False), cifar, **QUIET)
+    monkeypatch.setattr(inductor, "force_disable_caches", False)
     Trainer(tiny(tmp_path / "b", compile=False, compile_cache=True), cifar, **QUIET)
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"  # eager: nothing touched
+    Trainer(tiny(tmp_path / "a", compile=True, compile_cache=False), cifar, **QUIET)
+    fresh = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])  # off: no cache read or written, a fresh folder
+    assert inductor.force_disable_caches and fresh.name.startswith("dyt_cifar10_fresh_compile_")
     t = Trainer(tiny(tmp_path / "c", compile=True, compile_cache=True), cifar, **QUIET)
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(t.paths.compile_cache.resolve())
-    assert t.paths.compile_cache == tmp_path / "c" / "checkpoint" / "compile_cache"
+    variant = step.compile_variant("auto", ["default"])
+    assert variant == f"torch-{torch.__version__}_attention-auto_default_combo-0"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((t.paths.compile_cache / variant).resolve())
+    assert (
+        t.paths.compile_cache == tmp_path / "c" / "checkpoint" / "compile_cache" and not inductor.force_disable_caches
+    )
+    others = {step.compile_variant("math", ["default"]), step.compile_variant("auto", ["max-autotune"]), variant}
+    assert len(others) == 3  # each backend and mode its own folder
 
 
 def test_autotune_comes_first_on_cuda_and_is_said_to_do_nothing_elsewhere(cifar, tmp_path, capsys):
@@ -318,3 +332,55 @@ def test_the_attention_backend_is_the_one_asked_for(cifar, tmp_path):
     cudnn.resume()
     with pytest.raises(RuntimeError, match="No viable backend for scaled_dot_product_attention"):  # none on a CPU
         cudnn.run_epoch(1)
+
+
+ATTENTION_CHILD = """
+import sys
+sys.path[:0] = {path!r}
+import torch
+from torch.profiler import profile
+from config import Config
+from recipe import build_model
+from step import StepForward, attention_backend, compile_variant, configure_process
+
+torch.set_num_threads(1)
+
+
+def attention_ops(backend, cache):
+    configure_process(torch.device("cpu"), cache, variant=compile_variant(backend, ["default"]))
+    torch.manual_seed(0)
+    model = build_model(Config(dim=32, depth=1, heads=2, patch_size=8)).eval()
+    forward = torch.compile(StepForward(model, "cpu", None))
+    x, targets = torch.randn(4, 3, 32, 32), torch.eye(10)[:4]
+    with attention_backend(backend):
+        forward(x, targets)
+        with profile() as p:
+            forward(x, targets)
+    return sorted({{e.name for e in p.events() if "flash" in e.name or e.name == "aten::bmm"}})
+
+
+for backend in sys.argv[2:]:
+    print(backend, attention_ops(backend, sys.argv[1] if sys.argv[1] != "-" else None))
+"""
+
+
+@pytest.mark.slow  # cold compiles in child processes
+def test_the_attention_backend_asked_for_is_the_one_that_runs_in_one_process_and_across_two(tmp_path):
+    import subprocess
+    import sys
+
+    child = ATTENTION_CHILD.format(path=sys.path)
+
+    def run(cache, *backends):
+        done = subprocess.run([sys.executable, "-c", child, cache, *backends], capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [line for line in done.stdout.splitlines() if line.startswith(backends)]
+
+    flash = "flash ['aten::_scaled_dot_product_flash_attention_for_cpu']"
+    math = "math ['aten::bmm']"
+    # One process, flash then math: without a Dynamo reset the second model ran the first one's graph.
+    assert run(str(tmp_path / "cache"), "flash", "math") == [flash, math]
+    # A new process with the same cache folder: math's kernels are its own, not flash's cached ones.
+    assert run(str(tmp_path / "cache"), "math") == [math]
+    assert run("-", "math", "flash") == [math, flash]  # compile_cache=False: from scratch, each its own
