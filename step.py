@@ -42,14 +42,56 @@ def synced_time(device: torch.device) -> float:
     return time.perf_counter()
 
 
+AUTOTUNE_MIN_SMS = 68  # Inductor tunes matrix products only on cards with this many SMs (is_big_gpu)
+
+
+def autotune_skipped(device: torch.device) -> str:
+    """Why ``autotune`` cannot act on this CUDA card ("" where it can): Inductor's max-autotune tunes no
+    matrix product on a card with fewer than ``AUTOTUNE_MIN_SMS`` SMs (a T4 has 40, an L4 58), so there it
+    would only add compile time."""
+    if device.type != "cuda":
+        return ""
+    props = torch.cuda.get_device_properties(device)
+    if torch.version.hip or props.multi_processor_count >= AUTOTUNE_MIN_SMS:
+        return ""
+    return (
+        f"autotune=True is off on {props.name}: its {props.multi_processor_count} SMs are fewer than the "
+        f"{AUTOTUNE_MIN_SMS} Inductor needs to tune matrix products, so it would only add compile time"
+    )
+
+
+def attention_unavailable(name: str, device: torch.device) -> str:
+    """Why the ``attention`` backend ``name`` has no kernel on ``device`` ("" when it has one, or when
+    PyTorch chooses: "auto", "math"), with what to use instead."""
+    if name in ("auto", "math"):
+        return ""
+    instead = "use attention='auto' (PyTorch picks the fastest kernel the device has) or 'math'"
+    if device.type == "cpu":
+        return (
+            "" if name == "flash" else f"attention={name!r} has no CPU kernel (a CPU has 'flash' and 'math'): {instead}"
+        )
+    if device.type != "cuda":
+        return ""
+    major, minor = torch.cuda.get_device_capability(device)
+    needs = {"flash": (8, 0), "cudnn": (8, 0), "efficient": (5, 0)}[name]
+    if (major, minor) < needs:
+        card = torch.cuda.get_device_name(device)
+        return (
+            f"attention={name!r} needs compute capability {needs[0]}.{needs[1]} or newer, and {card} has "
+            f"{major}.{minor}: {instead}"
+        )
+    return ""
+
+
 def compile_modes(
     use_compile: bool, device: torch.device, cuda_graphs: Optional[bool], autotune: bool = False
 ) -> list[str]:
     """The ``torch.compile`` modes to try in order: CUDA graphs first when compiling on CUDA (unless
-    ``cuda_graphs`` is False), then plain compile; empty when not compiling (eager). ``autotune`` (CUDA)
-    puts Inductor's autotuned mode first (with or without CUDA graphs, as they are chosen)."""
+    ``cuda_graphs`` is False), then plain compile; empty when not compiling (eager). ``autotune`` (CUDA,
+    on a card large enough for it: ``autotune_skipped``) puts Inductor's autotuned mode first (with or
+    without CUDA graphs, as they are chosen)."""
     graphs = use_compile and device.type == "cuda" and cuda_graphs is not False
-    tuned = use_compile and device.type == "cuda" and autotune
+    tuned = use_compile and device.type == "cuda" and autotune and not autotune_skipped(device)
     first = ["max-autotune" if graphs else "max-autotune-no-cudagraphs"] if tuned else []
     return first + (["reduce-overhead"] if graphs else []) + (["default"] if use_compile else [])
 
@@ -186,7 +228,9 @@ def configure_process(
 def compile_notes(cfg, modes: list[str], device: torch.device) -> list[str]:
     """What to say when a compile setting of ``cfg`` cannot act with these ``modes`` on ``device``."""
     notes = []
-    if cfg.autotune and not any(m.startswith("max-autotune") for m in modes):
+    if cfg.autotune and modes and autotune_skipped(device):
+        notes.append(autotune_skipped(device))
+    elif cfg.autotune and not any(m.startswith("max-autotune") for m in modes):
         notes.append("autotune=True has no effect here: it needs torch.compile on a CUDA device")
     if cfg.cuda_graphs and "reduce-overhead" not in modes:
         notes.append(

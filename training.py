@@ -42,6 +42,7 @@ from step import (
     CompiledStep,
     CpuPace,
     attention_backend,
+    attention_unavailable,
     compile_modes,
     compile_notes,
     compile_variant,
@@ -112,6 +113,8 @@ class Trainer:
         self.data = data
         self.device = data.x_train.device
         self.files = RunFiles(cfg)
+        if attention_unavailable(cfg.attention, self.device):  # before anything is built or written
+            raise ValueError(attention_unavailable(cfg.attention, self.device))
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self._compile_modes = compile_modes(use_compile, self.device, cfg.cuda_graphs, cfg.autotune)
         cache = self.paths.compile_cache if self._compile_modes and cfg.compile_cache else None

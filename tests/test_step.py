@@ -314,7 +314,8 @@ def test_compile_cache_points_inductor_at_the_runs_folder_per_variant_or_turns_c
     assert len(others) == 3  # each backend and mode its own folder
 
 
-def test_autotune_comes_first_on_cuda_and_is_said_to_do_nothing_elsewhere(cifar, tmp_path, capsys):
+def test_autotune_comes_first_on_cuda_and_is_said_to_do_nothing_elsewhere(cifar, tmp_path, capsys, monkeypatch):
+    _card(monkeypatch, "NVIDIA H100 80GB HBM3")
     cuda = torch.device("cuda")
     assert compile_modes(True, cuda, None, autotune=True) == ["max-autotune", "reduce-overhead", "default"]
     assert compile_modes(True, cuda, False, autotune=True) == ["max-autotune-no-cudagraphs", "default"]
@@ -328,10 +329,8 @@ def test_the_attention_backend_is_the_one_asked_for(cifar, tmp_path):
     t = Trainer(tiny(tmp_path / "math", epochs=1, attention="math"), cifar, **QUIET)
     train_all(t)  # the math kernel exists everywhere
     assert t.epoch == 1
-    cudnn = Trainer(tiny(tmp_path / "cudnn", epochs=1, attention="cudnn"), cifar, **QUIET)
-    cudnn.resume()
-    with pytest.raises(RuntimeError, match="No viable backend for scaled_dot_product_attention"):  # none on a CPU
-        cudnn.run_epoch(1)
+    with pytest.raises(ValueError, match="attention='cudnn' has no CPU kernel"):  # said before, not mid-epoch
+        Trainer(tiny(tmp_path / "cudnn", epochs=1, attention="cudnn"), cifar, **QUIET)
 
 
 ATTENTION_CHILD = """
@@ -384,3 +383,47 @@ def test_the_attention_backend_asked_for_is_the_one_that_runs_in_one_process_and
     # A new process with the same cache folder: math's kernels are its own, not flash's cached ones.
     assert run(str(tmp_path / "cache"), "math") == [math]
     assert run("-", "math", "flash") == [math, flash]  # compile_cache=False: from scratch, each its own
+
+
+CARDS = {  # name: (compute capability, SMs), as torch.cuda reports them
+    "Tesla T4": ((7, 5), 40),
+    "NVIDIA L4": ((8, 9), 58),
+    "NVIDIA A100-SXM4-40GB": ((8, 0), 108),
+    "NVIDIA H100 80GB HBM3": ((9, 0), 132),
+    "Tesla V100-SXM2-16GB": ((7, 0), 80),
+}
+
+
+def _card(monkeypatch, name):
+    from types import SimpleNamespace
+
+    capability, sms = CARDS[name]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    props = SimpleNamespace(name=name, multi_processor_count=sms)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+@pytest.mark.parametrize("name", list(CARDS))
+def test_attention_backends_and_autotune_follow_what_each_card_has(monkeypatch, name):
+    _card(monkeypatch, name)
+    cuda = torch.device("cuda")
+    capability, sms = CARDS[name]
+    for backend in ("flash", "cudnn"):
+        said = step.attention_unavailable(backend, cuda)
+        assert bool(said) == (capability < (8, 0)), (name, backend)
+        if said:
+            assert f"has {capability[0]}.{capability[1]}" in said and "use attention='auto'" in said
+    assert step.attention_unavailable("efficient", cuda) == "" and step.attention_unavailable("auto", cuda) == ""
+    modes = compile_modes(True, cuda, None, autotune=True)
+    assert (modes[0] == "max-autotune") == (sms >= 68), (name, modes)  # a T4 or an L4 would tune no GEMM
+    notes = step.compile_notes(Config(autotune=True), modes, cuda)
+    assert bool(notes) == (sms < 68) and (not notes or f"its {sms} SMs are fewer than the 68" in notes[0])
+
+
+def test_a_backend_the_cpu_lacks_stops_before_anything_is_written(cifar, tmp_path):
+    with pytest.raises(ValueError, match="attention='efficient' has no CPU kernel .* use attention='auto'"):
+        Trainer(tiny(tmp_path, attention="efficient"), cifar, **QUIET)
+    assert not (tmp_path / "log").exists() and not (tmp_path / "checkpoint").exists()
+    assert step.attention_unavailable("flash", torch.device("cpu")) == ""
