@@ -54,8 +54,9 @@ class Evaluator:
         and the summed cross-entropy; ``on_batch`` is called after each forward pass."""
         model.eval()
         outs, labels = [], []
-        bs = self.batch_size
-        for x, y in loader or self.test_loader:
+        loader = loader or self.test_loader
+        bs = min(self.batch_size, len(loader.x))  # one shape per loader, never padded past its images
+        for x, y in loader:
             n = len(x)
             if n < bs:
                 x = torch.cat([x, x.new_zeros((bs - n,) + x.shape[1:])])

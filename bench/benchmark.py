@@ -3,7 +3,8 @@ measured in the same run (these machines are shared and noisy).
 
     python bench/benchmark.py aug              # any machine: batched RandAugment vs torchvision per image
     python bench/benchmark.py train            # whole epochs (median, spread) vs the model-only floor, per compile mode
-    python bench/benchmark.py train --tiny --epochs 4   # a CPU dry run of the same script
+    python bench/benchmark.py train --modes graphs,cudnn,flash --epochs 8 --variant-epochs 5   # variants vs graphs
+    python bench/benchmark.py train --tiny --epochs 3 --modes eager,compile   # a CPU dry run of the same script
     python bench/benchmark.py all --json out.json
 
 Every figure is printed with the device, torch version and date it was taken on.
@@ -33,6 +34,7 @@ from step import attention_backend  # noqa: E402
 from training import Trainer  # noqa: E402
 
 EPOCH_IMAGES = 50_000
+TINY_IMAGES = 2_000  # --tiny: a dry run of the script on a CPU, not a measurement
 
 
 def header(device: torch.device) -> dict:
@@ -200,11 +202,13 @@ def busy_seconds(events) -> float:
     return busy / 1e6  # the profiler's times are in microseconds
 
 
-def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2) -> dict:
+def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2, images: int = EPOCH_IMAGES) -> dict:
+    if epochs <= warm:
+        raise ValueError(f"{epochs} epochs leave none to time after {warm} warm-up epochs: give more than {warm}")
     """Whole epochs as a user waits for them (train, evaluation on the test set and the clean training
     images, checkpoint), through ``Trainer.run_epoch`` with real files, then the model-only floor of
     the same trainer and, on CUDA, the GPU's busy fraction and peak memory."""
-    data = synthetic_cifar(device)
+    data = synthetic_cifar(device, images, images // 5)
     trainer = Trainer(cfg, data, progress="off")
     trainer.resume()
     if device.type == "cuda":
@@ -223,6 +227,7 @@ def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2) 
     whole = spread(walls[warm:])
     train = spread([r["train_seconds"] for r in steady])
     result = {
+        "config": cfg.to_dict(),
         "compile_mode": trainer.compile_mode,
         "compile_seconds": trainer.compile_clock.seconds,
         "whole_epoch_s": whole,
@@ -255,18 +260,26 @@ MODES = {
     "combo": (GRAPHS, {"combo_kernels": True}),  # Inductor's combo kernels
     "eval10k": ({**GRAPHS, "eval_batch_size": 10_000}, {}),  # the test set in one forward pass
 }
-# Kernel name fragments -> category, first match wins: where a step's GPU time goes.
-KERNEL_CATEGORIES = (
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-    ("matmul", ("gemm", "cutlass", "cublas", "sm90_xmma", "matmul", "mm_")),
-    ("optimizer", ("multi_tensor", "adam", "foreach")),
-    ("fused elementwise", ("triton",)),
-)
+ATTENTION_WORDS = ("flash", "fmha", "attention", "sdpa")  # FlashAttention, memory-efficient, cuDNN's SDPA
+MATMUL_WORDS = ("nvjet", "gemm", "cutlass", "cublas", "xmma", "matmul", "mm_")  # nvjet: Hopper's cuBLAS kernels
+OPTIMIZER_WORDS = ("multi_tensor", "adam", "foreach")
+TRITON_TEMPLATE = "triton_tem_"  # an Inductor GEMM template; triton_poi_/red_/per_ are fused elementwise
 
 
 def kernel_category(name: str) -> str:
+    """Where a GPU kernel's time goes: attention, matmul, optimizer, fused elementwise or other. A Triton
+    kernel is a matmul only when it is a template (``triton_tem_``): a pointwise one named after the
+    ``addmm`` it follows is elementwise; "cudnn" alone says nothing (cuDNN also converts layouts)."""
     low = name.lower()
-    return next((category for category, parts in KERNEL_CATEGORIES if any(p in low for p in parts)), "other")
+    if any(w in low for w in ATTENTION_WORDS):
+        return "attention"
+    if low.startswith("triton_"):
+        return "matmul" if low.startswith(TRITON_TEMPLATE) else "fused elementwise"
+    if any(w in low for w in MATMUL_WORDS):
+        return "matmul"
+    if any(w in low for w in OPTIMIZER_WORDS):
+        return "optimizer"
+    return "other"
 
 
 def seconds_by_category(events) -> dict[str, float]:
@@ -278,6 +291,36 @@ def seconds_by_category(events) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
+def mode_config(name: str, device: torch.device, batch_size: int, epochs: int, out_dir: Path, tiny: bool) -> Config:
+    size = dict(dim=32, depth=2, heads=2) if tiny else {}
+    return Config(batch_size=batch_size, epochs=epochs, device=str(device), run_name=f"bench_{name}",
+                  checkpoint_dir=str(out_dir / "ck"), log_dir=str(out_dir / "log"), plot_dir=str(out_dir / "plots"),
+                  **size, **MODES[name][0])  # fmt: skip
+
+
+def unavailable(name: str, device: torch.device) -> str:
+    """Why mode ``name`` cannot run as meant on ``device`` ("" when it can): a backend the card lacks, or
+    autotune on a card too small for it (it would time the baseline under another name)."""
+    from step import attention_unavailable, autotune_skipped
+
+    fields = MODES[name][0]
+    if fields.get("compile") and fields.get("cuda_graphs") and device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if fields.get("autotune") and autotune_skipped(device):
+        return autotune_skipped(device)
+    return attention_unavailable(fields.get("attention", "auto"), device)
+
+
+def bench_mode(name: str, device: torch.device, batch_size: int, epochs: int, out_dir: Path, tiny: bool) -> dict:
+    """One mode in this process (``--child``): its epochs, floor and GPU figures, with its config."""
+    cfg = mode_config(name, device, batch_size, epochs, out_dir, tiny)
+    with torch._inductor.config.patch(**MODES[name][1]):
+        result = bench_epochs(
+            device, cfg, epochs, warm=min(2, epochs - 1), images=TINY_IMAGES if tiny else EPOCH_IMAGES
+        )
+    return {**result, "inductor": MODES[name][1]}
+
+
 def bench_train(
     device: torch.device,
     batch_size: int,
@@ -286,35 +329,48 @@ def bench_train(
     tiny: bool = False,
     modes: Optional[list[str]] = None,
     on_result: Optional[Callable[[str, dict], None]] = None,
+    variant_epochs: Optional[int] = None,
 ) -> dict:
-    """The default configuration (or a tiny one for a CPU dry run) in each compile mode, same run;
-    ``on_result(mode, figures)`` is called as each mode finishes (a cut-off run keeps what it measured)."""
+    """The default configuration (or a tiny one for a CPU dry run) in each mode, each in a process of its
+    own (its own Dynamo state: a variant cannot run another's graph, and one that falls back to eager
+    leaves the others alone), sharing the kernel cache of ``out_dir``. The first mode is the baseline
+    (``epochs``); the others (``variant_epochs``) are compared with it: the ratio of medians, and whether
+    the variant beats the baseline by more than the baseline's own spread. ``on_result(mode, figures)``
+    is called as each mode finishes (a cut-off run keeps what it measured)."""
+    import subprocess
+
     modes = modes or (["graphs", "compile"] if device.type == "cuda" else ["eager"])
-    if device.type != "cuda" and set(modes) - {"compile", "eager"}:
-        raise SystemExit(f"{', '.join(sorted(set(modes) - {'compile', 'eager'}))}: CUDA graphs need a CUDA device")
-    size = dict(dim=32, depth=2, heads=2) if tiny else {}
-    results = {}
-    for name in modes:
-        cfg = Config(
-            batch_size=batch_size,
-            epochs=epochs,
-            device=str(device),
-            run_name=f"bench_{name}",
-            checkpoint_dir=str(out_dir / "ck"),
-            log_dir=str(out_dir / "log"),
-            plot_dir=str(out_dir / "plots"),
-            **size,
-            **MODES[name][0],
-        )
-        with torch._inductor.config.patch(**MODES[name][1]):
-            results[name] = bench_epochs(device, cfg, epochs)
+    results: dict[str, dict] = {}
+    for i, name in enumerate(modes):
+        n = epochs if i == 0 else (variant_epochs or epochs)
+        reason = unavailable(name, device)
+        if reason:
+            results[name] = {"skipped": reason}
+        else:
+            child_json = out_dir / f"{name}.json"
+            args = [sys.executable, __file__, "train", "--child", name, "--epochs", str(n), "--batch-size",
+                    str(batch_size), "--device", str(device), "--out", str(out_dir),
+                    "--json", str(child_json)]  # fmt: skip
+            done = subprocess.run(args + (["--tiny"] if tiny else []), capture_output=True, text=True)
+            if done.returncode == 0:
+                results[name] = json.loads(child_json.read_text())
+            else:
+                results[name] = {"failed": (done.stderr or done.stdout).strip().splitlines()[-1:]}
+        if i and "whole_epoch_s" in results[name] and "whole_epoch_s" in results[modes[0]]:
+            base, mine = results[modes[0]]["whole_epoch_s"], results[name]["whole_epoch_s"]
+            results[name]["over_baseline"] = mine["median"] / base["median"]
+            results[name]["beats_baseline"] = mine["median"] < base["median"] - (base["p75"] - base["p25"])
         if on_result is not None:
             on_result(name, results[name])
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+    print_table(results, tiny, batch_size)
+    return results
+
+
+def print_table(results: dict, tiny: bool, batch_size: int) -> None:
     model = "tiny model (dim 32, depth 2)" if tiny else "default model (dim 384, depth 6, heads 6, DyT)"
-    print(f"\n{model}, batch {batch_size}, {epochs} epochs per mode, seconds per 50k-image epoch (median [p25-p75]):")
-    cols = ["mode", "compile", "whole epoch", "train", "eval", "checkpoint", "model-only", "train/model", "whole/model",
-            "200 epochs", "busy", "kernels/step", "peak GiB"]  # fmt: skip
+    print(f"\n{model}, batch {batch_size}, seconds per 50k-image epoch (median [p25-p75]); first row: the baseline")
+    cols = ["mode", "epochs", "compile", "whole epoch", "vs baseline", "train", "eval", "checkpoint", "model-only",
+            "whole/model", "200 epochs", "busy", "kernels/step", "peak GiB"]  # fmt: skip
     print("| " + " | ".join(cols) + " |")
     print("|---" * len(cols) + "|")
 
@@ -322,22 +378,31 @@ def bench_train(
         return f"{d['median']:.2f} [{d['p25']:.2f}-{d['p75']:.2f}]"
 
     for name, r in results.items():
+        if "whole_epoch_s" not in r:
+            print(
+                f"| {name} | {'skipped: ' + r['skipped'] if 'skipped' in r else 'failed: ' + ' '.join(r['failed'])} |"
+            )
+            continue
+        ratio = (
+            f"{r['over_baseline']:.3f}x{' (beats it)' if r['beats_baseline'] else ''}" if "over_baseline" in r else "-"
+        )
         print(
-            f"| {name} ({r['compile_mode']}) | {r['compile_seconds']:.0f} s | {s(r['whole_epoch_s'])} | "
-            f"{s(r['train_s'])} | "
-            f"{s(r['eval_s'])} | {s(r['checkpoint_s'])} | {s(r['model_only_epoch_s'])} | "
-            f"{r['train_over_model_only']:.2f} | {r['whole_over_model_only']:.2f} | {r['200_epochs_min']:.1f} min | "
+            f"| {name} ({r['compile_mode']}) | {r['config']['epochs']} | {r['compile_seconds']:.0f} s | "
+            f"{s(r['whole_epoch_s'])} | {ratio} | {s(r['train_s'])} | {s(r['eval_s'])} | {s(r['checkpoint_s'])} | "
+            f"{s(r['model_only_epoch_s'])} | {r['whole_over_model_only']:.2f} | {r['200_epochs_min']:.1f} min | "
             f"{r.get('gpu_busy_fraction', float('nan')):.0%} | {r.get('gpu_kernels_per_step', float('nan')):.0f} | "
             f"{r.get('peak_memory_gib', float('nan')):.2f} |"
         )
-    return results
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["aug", "train", "all"])
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=22, help="epochs per mode (the first 2 are warm-up)")
+    ap.add_argument("--epochs", type=int, default=8, help="the baseline's epochs (the first 2 are warm-up)")
+    ap.add_argument("--variant-epochs", type=int, help="each other mode's epochs (default: --epochs)")
+    ap.add_argument("--out", type=Path, help="run folders and kernel cache (default: a temporary folder)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # one mode in this process, for bench_train
     ap.add_argument("--tiny", action="store_true", help="a tiny model: checks the script, not the targets")
     ap.add_argument("--aug-batches", type=int, default=20, help="batches of 256 for our RandAugment")
     ap.add_argument("--tv-images", type=int, default=2000, help="images for torchvision's per-image RandAugment")
@@ -355,6 +420,13 @@ def main(argv=None) -> None:
     modes = args.modes.split(",") if args.modes else None
     if modes and not set(modes) <= set(MODES):
         ap.error(f"--modes: unknown {', '.join(sorted(set(modes) - set(MODES)))}; choose from {', '.join(MODES)}")
+    for flag, n in (("--epochs", args.epochs), ("--variant-epochs", args.variant_epochs)):
+        if n is not None and n < 2:
+            ap.error(f"{flag} must be 2 or more (the first epochs warm up, at least one is timed), got {n}")
+    if args.child:  # one mode in this process: its figures to --json
+        result = bench_mode(args.child, device, args.batch_size, args.epochs, args.out, args.tiny)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return
     report = {"conditions": header(device)}
 
     def save() -> None:  # after every part, so a run cut off by a time limit keeps what it measured
@@ -375,7 +447,8 @@ def main(argv=None) -> None:
             save()
 
         with tempfile.TemporaryDirectory() as tmp:
-            bench_train(device, args.batch_size, args.epochs, Path(tmp), tiny=args.tiny, modes=modes, on_result=keep)
+            out = args.out or Path(tmp)  # a kept --out: a warm kernel cache for the next call
+            bench_train(device, args.batch_size, args.epochs, out, args.tiny, modes, keep, args.variant_epochs)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The GPU figures of the README, from a fresh clone on a machine with a GPU, given a CIFAR-10 folder
 # (one that holds cifar-10-batches-py/, or where it may be downloaded):
-#   bash bench/device_check.sh bench DATA_DIR OUT [MODES]          # benchmark -> OUT/bench.{json,log}
+#   bash bench/device_check.sh bench DATA_DIR OUT [MODES] [E] [VE] # benchmark -> OUT/bench.{json,log}: the
+#                                                                   # first mode (E epochs) against each other (VE)
 #   bash bench/device_check.sh train DATA_DIR OUT EPOCHS [S]        # the notebook's cells, stopped after S s
 #   bash bench/device_check.sh concurrency DATA_DIR OUT [K]         # K runs at once vs one
 #   bash bench/device_check.sh sweep DATA_DIR OUT RUNS [K] [S] [GRID]  # python -m sweeps --runs RUNS [--grid GRID],
 #                                                                   # K at a time, stopped after S s
 # RECIPE (environment): the preset every run starts from (train, sweep), e.g. cvt-7/4 (config.RECIPES);
 # OVERRIDES (environment, a JSON object): config fields for every run (train, sweep, concurrency);
-# NAME: the sweep's name (default "sweep"), also the base of its run names. MODES (bench): e.g. graphs,
-# or graphs,compile (the default on CUDA).
+# NAME: the sweep's name (default "sweep"), also the base of its run names. MODES (bench): default
+# graphs,cudnn,flash,combo,eval10k (the speed issue's block B: about 6 minutes on an H100 with a cold kernel
+# cache, each mode in its own process, each mode's figures kept as it finishes; a mode the card lacks is
+# skipped with the reason). The kernel cache stays in /tmp/device_check_bench for a second call. TINY=1:
+# a tiny model, the CPU dry run of the same command (TINY=1 bash bench/device_check.sh bench - OUT eager,compile).
 # OUT receives at most 8 files (the device tool brings back no more): the logs, the tables, gpu.txt
 # and one .tgz of the run folders (CSV, text log, config, plots; no checkpoints).
 # A stopped sweep still writes its table: unfinished runs are summarised from their CSV so far.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
-usage="usage: $0 bench DATA_DIR OUT [MODES] | train DATA_DIR OUT EPOCHS [S] | concurrency DATA_DIR OUT [K] | sweep DATA_DIR OUT RUNS [K] [S] [GRID]"
+usage="usage: $0 bench DATA_DIR OUT [MODES] [E] [VE] | train DATA_DIR OUT EPOCHS [S] | concurrency DATA_DIR OUT [K] | sweep DATA_DIR OUT RUNS [K] [S] [GRID]"
 what=${1:-}; data=${2:-}; out=${3:-}
 if [ -z "$what" ] || [ -z "$data" ] || [ -z "$out" ]; then echo "$usage" >&2; exit 2; fi
 mkdir -p "$out"
@@ -39,7 +43,9 @@ EOF
 
 case "$what" in
 bench)
-  python3 bench/benchmark.py all --json "$out/bench.json" ${4:+--modes "$4"} 2>&1 | tee "$out/bench.log"
+  timeout -s INT -k 30 570 python3 bench/benchmark.py train --json "$out/bench.json" \
+    --modes "${4:-graphs,cudnn,flash,combo,eval10k}" --epochs "${5:-6}" --variant-epochs "${6:-4}" \
+    --out /tmp/device_check_bench ${TINY:+--tiny} 2>&1 | tee "$out/bench.log"
   ;;
 train)
   timeout -s INT -k 60 "${5:-540}" python3 bench/run_notebook.py dyt_cifar10.ipynb -p epochs "${4:?EPOCHS}" \

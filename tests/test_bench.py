@@ -1,4 +1,5 @@
-"""The benchmark's own arithmetic: the GPU busy time from profiler events, and the spread of timings."""
+"""The benchmark: its arithmetic (GPU busy time, spread, kernel categories), its variants each in a process
+of its own against the first, and what it refuses or skips."""
 
 import sys
 from pathlib import Path
@@ -56,11 +57,91 @@ def test_gpu_time_is_split_by_kernel_category():
     assert list(benchmark.seconds_by_category(events))[0] == "matmul"  # largest first
 
 
+@pytest.mark.parametrize(
+    "name, category",
+    [  # names as the profiler reports them on an H100 (cuBLAS's Hopper kernels are nvjet_*)
+        ("nvjet_hsh_128x256_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+        ("nvjet_tst_64x8_64x16_4x1_v_bz_TNN", "matmul"),
+        ("triton_tem_fused_addmm_0", "matmul"),  # an Inductor GEMM template
+        ("triton_poi_fused_addmm_gelu_view_3", "fused elementwise"),  # the bias and GELU after a GEMM
+        ("triton_red_fused__to_copy_addmm_native_layer_norm_2", "fused elementwise"),
+        ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>", "other"),  # cuDNN, not attention
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+        ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
+        ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>", "matmul"),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>", "optimizer"),
+    ],
+)
+def test_kernel_categories_on_real_kernel_names(name, category):
+    assert benchmark.kernel_category(name) == category
+
+
 def test_every_benchmark_variant_is_a_valid_config_on_its_graphs_base():
     from config import Config
 
     for name, (fields, inductor) in benchmark.MODES.items():
         Config(**fields)  # each variant's fields exist and validate
         assert set(inductor) <= {"combo_kernels"}, name
-    with pytest.raises(SystemExit, match="autotune, cudnn: CUDA graphs need a CUDA device"):
-        benchmark.bench_train(benchmark.torch.device("cpu"), 8, 3, Path("/nonexistent"), modes=["autotune", "cudnn"])
+    cpu = benchmark.torch.device("cpu")
+    assert benchmark.unavailable("autotune", cpu) == "CUDA graphs need a CUDA device"
+    assert benchmark.unavailable("eager", cpu) == "" and benchmark.unavailable("compile", cpu) == ""
+
+
+def test_a_variant_the_card_lacks_is_skipped_with_its_reason_and_the_others_run(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    props = SimpleNamespace(name="Tesla T4", multi_processor_count=40)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    t4 = torch.device("cuda")
+    assert "compute capability 8.0" in benchmark.unavailable("flash", t4)
+    assert "40 SMs" in benchmark.unavailable("autotune", t4)
+    assert benchmark.unavailable("graphs", t4) == "" and benchmark.unavailable("combo", t4) == ""
+
+
+def test_too_few_epochs_to_time_is_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["train", "--epochs", "1"])
+    assert "--epochs must be 2 or more" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="leave none to time after 2 warm-up epochs"):
+        benchmark.bench_epochs(benchmark.torch.device("cpu"), None, 2, warm=2)
+
+
+def test_evaluation_never_pads_a_loader_past_its_own_images(cifar):
+    import torch
+
+    from evaluation import Evaluator
+
+    rows = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            rows.append(len(x))
+            return torch.zeros(len(x), 10)
+
+    evaluator = Evaluator(cifar, 10_000, 64, None)  # eval10k: 50 test images and 64 clean training images
+    evaluator.scores(Recorder())
+    assert rows == [50, 64]  # not 10,000 rows each
+
+
+@pytest.mark.slow  # two child processes, each a tiny model for 2 epochs
+def test_the_cpu_dry_run_times_each_mode_in_its_own_process_against_the_first(tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    benchmark.main(["train", "--tiny", "--device", "cpu", "--modes", "eager,compile,graphs", "--epochs", "3",
+                    "--variant-epochs", "2", "--batch-size", "500", "--out", str(tmp_path / "out"),
+                    "--json", str(report)])  # fmt: skip
+    import json
+
+    figures = json.loads(report.read_text())["train"]
+    assert figures["eager"]["config"]["epochs"] == 3 and figures["compile"]["config"]["epochs"] == 2
+    assert figures["eager"]["compile_mode"] is None and figures["compile"]["compile_mode"] == "default"
+    assert figures["compile"]["over_baseline"] == pytest.approx(
+        figures["compile"]["whole_epoch_s"]["median"] / figures["eager"]["whole_epoch_s"]["median"]
+    )
+    assert figures["graphs"] == {"skipped": "CUDA graphs need a CUDA device"}
+    table = capsys.readouterr().out
+    assert "| eager (None) | 3 |" in table and "| compile (default) | 2 |" in table
+    assert "| graphs | skipped: CUDA graphs need a CUDA device |" in table
