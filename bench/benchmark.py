@@ -221,7 +221,7 @@ def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2, 
         rows.append(row)
     trainer.files.wait_for_saves()
     steady = rows[warm:]
-    per_epoch = EPOCH_IMAGES / (trainer.steps_per_epoch * cfg.batch_size)  # to 50k-image epochs
+    per_epoch = len(data.x_train) / (trainer.steps_per_epoch * cfg.batch_size)  # to the epoch timed whole
     with attention_backend(cfg.attention):  # as run_epoch trains
         floor = model_only(trainer, trainer.steps_per_epoch)
     whole = spread(walls[warm:])

@@ -87,8 +87,11 @@ def test_live_curves_draw_once_then_update_in_place_at_most_every_few_seconds(tm
     for seconds, final in ((0, False), (3, False), (console.LIVE_EVERY_SECONDS, False), (1, False), (1, True)):
         clock["now"] += seconds
         live.update("run.csv", final=final)
+        live.wait()
     assert len(drawn) == 3  # the first epoch, one 10 s later, and the last; not the ones in between
-    assert [kind for kind, _ in shown] == ["display", "update", "update"] and {f for _, f in shown} == {str(png)}
+    # The place on the page (the earlier figure on disk) once, then each drawing updates it.
+    assert [kind for kind, _ in shown] == ["display", "update", "update", "update"]
+    assert {f for _, f in shown} == {str(png)}
 
 
 def test_a_trainer_draws_live_curves_only_where_someone_watches(cifar, tmp_path, monkeypatch):
@@ -202,7 +205,36 @@ def test_live_curves_appear_again_in_a_cell_run_again(tmp_path, monkeypatch):
     cell["count"] = 9  # "Run this cell again" after a stop: the old output was cleared
     live.update("run.csv", final=True)
     live.update("run.csv", final=True)
-    assert shown == [("display", 7), ("update", 7), ("display", 9), ("update", 9)]
+    assert shown == [("display", 7), ("update", 7), ("update", 7), ("display", 9), ("update", 9), ("update", 9)]
+
+
+def test_live_curves_are_drawn_off_the_training_thread_and_the_last_before_returning(tmp_path):
+    import threading
+
+    started, release, drawn, updates = threading.Event(), threading.Event(), [], []
+
+    def slow_draw(csv, path):  # a drawing that takes as long as the test wants
+        started.set()
+        release.wait(timeout=30)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n")
+        drawn.append((csv, threading.current_thread().name))
+
+    class Handle:
+        def update(self, image):
+            updates.append(image)
+
+    shown = []
+    live = LiveCurves(slow_draw, tmp_path / "live.png", lambda image, display_id: shown.append(image) or Handle())
+    live.update("epoch1.csv")  # returns while the figure is still being drawn
+    assert started.wait(timeout=30) and drawn == [] and "curves after this epoch" in shown[0].data
+    live.last = -float("inf")
+    live.update("epoch2.csv")  # asked while epoch 1's figure is drawn: waits, replacing nothing older
+    release.set()
+    live.wait()
+    assert drawn == [("epoch1.csv", "live curves"), ("epoch2.csv", "live curves")] and len(updates) == 2
+    live.update("final.csv", final=True)  # the last one: drawn here, before returning
+    assert drawn[-1] == ("final.csv", threading.current_thread().name) and len(updates) == 3
+    assert live.error is None
 
 
 def test_the_live_figure_after_one_epoch_shows_points(tmp_path):
