@@ -243,6 +243,38 @@ def plot_schedule(
     return fig
 
 
+def plot_alpha_slots(curves: dict[str, list[str | Path]], out_path: str | Path, title: str = ""):
+    """DyT's alpha per slot (one panel per norm layer) over epochs: for each group of runs (label ->
+    CSVs, e.g. one per seed), the mean over its runs as a line. Groups without alpha (LayerNorm) are left
+    out. Returns the figure."""
+    import pandas as pd
+    from matplotlib.ticker import MaxNLocator
+
+    frames = {label: [pd.read_csv(p) for p in paths] for label, paths in curves.items()}
+    frames = {k: v for k, v in frames.items() if any(c.startswith(h.ALPHA) for c in v[0].columns)}
+    slots = (
+        [c[len(h.ALPHA) :] for c in next(iter(frames.values()))[0].columns if c.startswith(h.ALPHA)] if frames else []
+    )
+    cols = 3
+    fig, ax = _figure(max(1, -(-len(slots) // cols)), cols, (13, 3.0 * max(1, -(-len(slots) // cols))))
+    for i, slot in enumerate(slots):
+        a = ax.flat[i]
+        for j, (label, runs) in enumerate(frames.items()):
+            epochs = min(len(r) for r in runs)
+            mean = sum(r[h.ALPHA + slot].to_numpy()[:epochs] for r in runs) / len(runs)
+            a.plot(runs[0][h.EPOCH][:epochs], mean, color=f"C{j}", label=f"{label} ({len(runs)})")
+        a.set(title=slot, xlabel="epoch", ylabel="alpha")
+        a.grid(alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for a in ax.flat[len(slots) :]:
+        a.axis("off")
+    if slots:
+        ax.flat[0].legend(fontsize=8, title="mean of (runs)")
+    fig.suptitle(title or "DyT alpha per slot")
+    _save(fig, out_path)
+    return fig
+
+
 def plot_groups(curves: dict[str, list[str | Path]], out_path: str | Path, title: str = ""):
     """Test accuracy per epoch of groups of runs (label -> CSVs, e.g. one per seed): the mean as a
     line and the band from the lowest to the highest run. Runs of different lengths are cut to the

@@ -59,7 +59,8 @@ def label(row, fields: list[str]) -> str:
 def paired_table(table, fields: list[str], reference: str | None = None):
     """Each setting of ``table`` (a sweep's per-run table, finished runs used) against ``reference`` (a
     ``label``; default: the first run's setting), per score of ``METRICS`` that the runs have, on the
-    seeds both finished: setting minus reference, in points. One row per (setting, score)."""
+    seeds both finished: setting minus reference, in points. One row per (setting, score); a setting is
+    named by the fields it changes from the reference."""
     import pandas as pd
 
     columns = ["setting", "against", "score", "differences", "pairs", "mean_diff", "se", "ci_low", "ci_high"]
@@ -69,10 +70,14 @@ def paired_table(table, fields: list[str], reference: str | None = None):
     done = table.assign(setting=labels)[table["status"] == "finished"]
     reference = reference or labels[0]
     base = done[done["setting"] == reference].set_index("seed")
+    first = table.iloc[labels.index(reference)]
     rows = []
     for name in dict.fromkeys(labels):
         if name == reference:
             continue
+        row = table.iloc[labels.index(name)]
+        changed = [f for f in fields if f != "seed" and row[f] != first[f]]  # what this setting changes
+        shown_name = label(row, changed)
         mine = done[done["setting"] == name].set_index("seed")
         seeds = [s for s in mine.index if s in base.index]
         if not seeds:
@@ -82,5 +87,6 @@ def paired_table(table, fields: list[str], reference: str | None = None):
                 continue
             diffs = [float(mine.loc[s, score] - base.loc[s, score]) for s in seeds]
             shown = " ".join(f"{d:+.2f}" for d in diffs)
-            rows.append({"setting": name, "against": reference, "score": score, "differences": shown, **paired(diffs)})
+            rows.append({"setting": shown_name, "against": reference, "score": score, "differences": shown,
+                         **paired(diffs)})  # fmt: skip
     return pd.DataFrame(rows, columns=columns)

@@ -132,3 +132,23 @@ def test_the_schedule_after_raising_epochs_shows_what_was_trained_and_what_is_le
     assert line.get_xdata()[0] == 0.0 and fresh.axes[0].get_legend() is None
     done = figures.plot_schedule(new, 20, 10, trained_csv=csv_path)  # all trained: nothing left to draw
     assert [x.get_label() for x in done.axes[0].get_lines()] == ["trained (CSV, end of each epoch)"]
+
+
+def test_alpha_per_slot_is_the_mean_over_each_groups_runs_and_layernorm_is_left_out(tmp_path):
+    import figures
+
+    def run(name, alphas):
+        path = tmp_path / f"{name}.csv"
+        for e, (a1, a2) in enumerate(alphas, 1):
+            history.append_csv(path, {"epoch": e, "test_acc": 0.5, "alpha_blocks.0.norm1": a1, "alpha_norm": a2})
+        return path
+
+    ln = tmp_path / "ln.csv"
+    history.append_csv(ln, {"epoch": 1, "test_acc": 0.5})
+    curves = {"dyt": [run("s0", [(0.5, 0.4), (0.3, 0.2)]), run("s1", [(0.5, 0.6), (0.1, 0.4)])], "ln": [ln]}
+    fig = figures.plot_alpha_slots(curves, tmp_path / "alpha.png")
+    first, final = fig.axes[0], fig.axes[1]
+    assert first.get_title() == "blocks.0.norm1" and final.get_title() == "norm"
+    (line,) = first.get_lines()  # LayerNorm has no alpha: one line, DyT's
+    assert line.get_label() == "dyt (2)" and list(line.get_ydata()) == pytest.approx([0.5, 0.2])
+    assert list(final.get_lines()[0].get_ydata()) == pytest.approx([0.5, 0.3])
