@@ -8,7 +8,7 @@ The notebook drives it as a short loop::
         trainer.run_epoch(epoch)
 
 The ``Trainer`` keeps the maths (model, optimizer, EMA, loaders, an epoch of training, evaluation);
-the compiled step is ``step.CompiledStep``, the run's files ``run_files.RunFiles``. Everything a
+the compiled step is ``step.CompiledStep``, the run's files ``runs.files.RunFiles``. Everything a
 resumed run needs is in the latest checkpoint: model, EMA, optimizer, scaler, step, epoch, best
 accuracy, config and every RNG state. The learning rate is a pure function of the global step, so
 nothing else is needed to continue exactly. An epoch that raised (a Jupyter interrupt, divergence, a
@@ -165,7 +165,7 @@ class Trainer:
 
     @property
     def paths(self):
-        """Where this run's files are (``run_files.RunPaths``)."""
+        """Where this run's files are (``runs.files.RunPaths``)."""
         return self.files.paths
 
     @property
