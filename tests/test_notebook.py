@@ -364,3 +364,64 @@ def test_a_preset_by_name_from_papermill(tmp_path, recipe):
     pool = "seq" if recipe == "cvt-7/4" else "cls"
     assert saved["recipe"] == recipe and saved["pool"] == pool and saved["dim"] == 32 and saved["epochs"] == 2
     assert f"recipe {recipe!r}" in _text(nb) and (tmp_path / "ck" / "cvt_latest.pth").exists()
+
+
+@pytest.mark.slow
+def test_live_curves_appear_in_the_cell_run_again_after_a_stop_in_a_real_kernel(tmp_path):
+    """Notebook III item 1 in a live kernel: the training cell stopped, then run again, gets a figure of
+    its own (a new display), rather than updating the cleared output of the stopped execution."""
+    from jupyter_client.manager import start_new_kernel
+
+    data = write_fake_cifar10(tmp_path / "data", per_batch=60, test=40)
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
+    setup = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import utils
+from config import Config
+from recipe import load_data
+from training import Trainer
+assert utils.live_jupyter()  # a kernel someone could watch: the live curves are on
+cfg = Config(epochs=3, dim=16, depth=1, heads=2, batch_size=10, device="cpu", data_dir={str(data)!r}, verify_data=False,
+             checkpoint_dir={str(tmp_path / "ck")!r}, log_dir={str(tmp_path / "log")!r},
+             plot_dir={str(tmp_path / "p")!r})
+trainer = Trainer(cfg, load_data(cfg), progress="bars")
+real_step = trainer.train_step
+def slow_step(x, t):
+    if trainer.step == 35:
+        open({str(tmp_path / "in_epoch_2")!r}, "w").close()
+    time.sleep(0.1 if trainer.step >= 35 else 0)
+    return real_step(x, t)
+trainer.train_step = slow_step
+"""
+    loop = "for epoch in trainer.remaining_epochs():\n    trainer.run_epoch(epoch)\ntrainer.console.live.wait()"
+    figures: dict[str, list] = {}  # execution's msg_id -> (message type, display id)
+
+    def record(msg):
+        display_id = msg["content"].get("transient", {}).get("display_id") if "content" in msg else None
+        if msg["msg_type"] in ("display_data", "update_display_data") and display_id:  # not the bars' output
+            figures.setdefault(msg["parent_header"]["msg_id"], []).append((msg["msg_type"], display_id))
+
+    try:
+        assert kc.execute_interactive(setup, timeout=120)["content"]["status"] == "ok"
+        first = kc.execute(loop)
+        while not (tmp_path / "in_epoch_2").exists():
+            time.sleep(0.05)
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=60)
+        assert reply["content"]["ename"] == "TrainingInterrupted"
+        while True:  # what the stopped execution showed
+            msg = kc.get_iopub_msg(timeout=30)
+            record(msg)
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        again = kc.execute_interactive(loop, timeout=120, output_hook=record)
+        assert again["content"]["status"] == "ok"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    stopped, rerun = figures[first], figures[again["parent_header"]["msg_id"]]
+    assert stopped[0][0] == "display_data"  # epoch 1's figure, its place made in the training thread
+    new = [display_id for kind, display_id in rerun if kind == "display_data"]
+    assert len(new) == 1 and new[0] != stopped[0][1]  # a figure of its own in the cell run again
+    assert rerun[-1] == ("update_display_data", new[0])  # the last epoch's curves are drawn into it
