@@ -138,6 +138,9 @@ class Config:
     # --- model ---
     norm: str = _field("dyt", one_of(*NORM_NAMES))  # "dyt" (Dynamic Tanh) or "ln" (LayerNorm), in every norm slot
     alpha_init: float = _field(0.5, number(lambda v: v > 0, "> 0"))  # DyT's initial alpha (the paper's ViT value)
+    alpha_lr_scale: float = _field(
+        1.0, number(lambda v: 0 < v <= 1, "in (0, 1]")
+    )  # DyT's alpha learns at lr x this (< 1: slower, so no alpha collapses to 0 early)
     dim: int = _field(384, integer(1))  # token width
     depth: int = _field(6, integer(1))  # transformer blocks
     heads: int = _field(6, integer(1))  # attention heads (must divide dim)

@@ -94,22 +94,27 @@ def load_data(cfg: Config) -> CifarTensors:
     )
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, decay_embeddings: bool = False, alpha_lr_scale: float = 1.0
+) -> list[dict]:
     """Weight decay on weight matrices (ndim >= 2) only; not on biases, norms/DyT parameters, nor (unless
     ``decay_embeddings``, as timm's optimizer filter does for a model that names none) the positional
-    embedding or the cls token."""
+    embedding or the cls token. With ``alpha_lr_scale`` below 1, DyT's alphas form a third group (no
+    decay) whose ``lr_scale`` the learning rate is multiplied by."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") and not decay_embeddings else set()
-    decay, no_decay = [], []
+    scaled = {id(m.alpha) for m in model.modules() if isinstance(m, DynamicTanh)} if alpha_lr_scale != 1 else set()
+    decay, no_decay, alphas = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (alphas if id(p) in scaled else decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups + ([{"params": alphas, "weight_decay": 0.0, "lr_scale": alpha_lr_scale}] if alphas else [])
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
     kwargs = {"fused": True} if device.type == "cuda" else {}
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings, cfg.alpha_lr_scale)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), **kwargs)
 
 
@@ -241,6 +246,13 @@ class RunParts:
             },
         }
 
+    def set_lr(self, value: float) -> None:
+        """The learning rate of the coming step: every group's, a scaled group's times its scale."""
+        self.lr.fill_(value)
+        for g in self.optimizer.param_groups:
+            if "lr_scale" in g:
+                g["lr"].fill_(value * g["lr_scale"])
+
     def load_state_dict(self, state: dict, reseed: int) -> str:
         """Restore a ``state_dict()``; returns a note when the random streams could not be restored
         exactly (a checkpoint from another device type: a GPU generator's state means nothing to a
@@ -248,9 +260,10 @@ class RunParts:
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"])
+        live = [g["lr"] for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        for g in self.optimizer.param_groups:  # the saved lr is a copy: point every group at the live one
-            g["lr"] = self.lr
+        for g, tensor in zip(self.optimizer.param_groups, live):  # the saved lr is a copy: the live ones again
+            g["lr"] = tensor
         if self.scaler.is_enabled() and state["scaler"]:  # an amp change (bf16 <-> fp16) starts a fresh scaler
             self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
@@ -287,8 +300,8 @@ def build_run(cfg: Config, data: CifarTensors, compile: bool = False, repair: Op
     # no sync), so a compiled or captured optimizer step reads it instead of baking in a constant.
     # float64 on the CPU gives bit-identical steps to a Python-float lr (tests/test_step.py).
     lr = torch.full((), cfg.lr, dtype=torch.float64 if device.type == "cpu" else torch.float32).to(device)
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+    for g in optimizer.param_groups:  # a scaled group (alpha_lr_scale) has its own, filled with lr x scale
+        g["lr"] = lr if "lr_scale" not in g else lr * g["lr_scale"]
     dtype = amp_dtype(cfg, device)
     augment = build_augment(cfg, compile=compile, repair=repair)
     loader = DeviceLoader(data.x_train, data.y_train, cfg.batch_size, train=True, augment=augment, seed=cfg.seed)

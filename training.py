@@ -280,7 +280,7 @@ class Trainer:
     # --- one epoch -----------------------------------------------------------------------------
 
     def _set_lr(self, lr: float) -> None:
-        self.lr.fill_(lr)
+        self.parts.set_lr(lr)
 
     def train_step(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a prepared batch (soft targets) and the EMA update; returns the loss

@@ -135,7 +135,7 @@ class ReferenceRuns:
     CONFIGS = {
         "default": {},
         "mixup": dict(epochs=2, mixup_alpha=0.4, cutmix_alpha=1.0, warmup_epochs=1),
-        "levers": dict(ema_decay=0.8, pool="gap", attn_init="mimetic", randaug_prob=0.5),
+        "levers": dict(ema_decay=0.8, pool="gap", attn_init="mimetic", randaug_prob=0.5, alpha_lr_scale=0.1),
     }
     MIXUP = CONFIGS["mixup"]
     LEVERS = CONFIGS["levers"]

@@ -32,6 +32,7 @@ BAD_VALUES = {
     "label_smoothing": 1.0,
     "norm": "batchnorm",
     "alpha_init": 0.0,
+    "alpha_lr_scale": 1.5,
     "dim": 0,
     "depth": 0,
     "heads": True,

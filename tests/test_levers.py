@@ -236,3 +236,24 @@ def test_patch_size_2_compute_per_image():
 
     p4, p2 = gflops(4), gflops(2)
     assert p4 == pytest.approx(1.383, abs=0.005) and p2 == pytest.approx(5.459, abs=0.005)  # GFLOP (2 per MAC)
+
+
+def test_alpha_lr_scale_puts_dyts_alphas_in_a_group_of_their_own_at_a_scaled_lr(cifar, tmp_path):
+    from models import DynamicTanh
+
+    plain = Trainer(tiny(tmp_path / "plain", epochs=1), cifar, **QUIET)
+    assert len(plain.optimizer.param_groups) == 2  # the default: no third group
+    slow = Trainer(tiny(tmp_path / "slow", epochs=1, alpha_lr_scale=0.1), cifar, **QUIET)
+    decay, no_decay, alphas = slow.optimizer.param_groups
+    dyts = [m for m in slow.model.modules() if isinstance(m, DynamicTanh)]
+    assert {id(p) for p in alphas["params"]} == {id(m.alpha) for m in dyts} and alphas["weight_decay"] == 0.0
+    assert not {id(p) for p in no_decay["params"]} & {id(p) for p in alphas["params"]}
+    slow.parts.set_lr(2e-3)
+    assert float(decay["lr"]) == 2e-3 and float(alphas["lr"]) == pytest.approx(2e-4)
+    start = {id(m): float(m.alpha) for m in dyts}
+    train_all(plain)
+    train_all(slow)
+    moved = lambda t: max(abs(float(m.alpha) - 0.5) for m in t.model.modules() if isinstance(m, DynamicTanh))  # noqa: E731
+    assert all(v == 0.5 for v in start.values()) and 0 < moved(slow) < 0.5 * moved(plain)  # slower alphas
+    with pytest.raises(ValueError, match=r"alpha_lr_scale must be a finite number in \(0, 1\]"):
+        tiny(tmp_path, alpha_lr_scale=0.0)
