@@ -115,24 +115,21 @@ def test_notebook_trains_then_resumes(tmp_path):
     assert "resuming" not in _text(third) and len(read_csv(csv_path)) == 3
 
 
-@pytest.mark.slow
-def test_stop_button_mid_epoch_then_rerun_resumes_cleanly_in_a_real_kernel(tmp_path):
-    """The training cell interrupted in a live Jupyter kernel (what the stop button sends), then run
-    again: the cut-off epoch is trained again from the last checkpoint, never continued in memory."""
-    from jupyter_client.manager import start_new_kernel
-
+def _slowing_trainer(tmp_path: Path, progress: str) -> str:
+    """Kernel code: a tiny Trainer (30 steps an epoch) whose steps slow down in epoch 2, after touching
+    ``in_epoch_2`` to tell the test it may interrupt."""
     data = write_fake_cifar10(tmp_path / "data", per_batch=60, test=40)
-    km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
-    setup = f"""
+    return f"""
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
+import utils
 from config import Config
 from recipe import load_data
 from training import Trainer
 cfg = Config(epochs=3, dim=16, depth=1, heads=2, batch_size=10, device="cpu", data_dir={str(data)!r}, verify_data=False,
              checkpoint_dir={str(tmp_path / "ck")!r}, log_dir={str(tmp_path / "log")!r},
              plot_dir={str(tmp_path / "p")!r})
-trainer = Trainer(cfg, load_data(cfg), progress="lines")
+trainer = Trainer(cfg, load_data(cfg), progress={progress!r})
 real_step = trainer.train_step
 def slow_step(x, t):
     if trainer.step == 35:  # into epoch 2 (30 steps an epoch): tell the test, then give it time to interrupt
@@ -141,14 +138,30 @@ def slow_step(x, t):
     return real_step(x, t)
 trainer.train_step = slow_step
 """
+
+
+def _stopped_in_epoch_2(km, kc, tmp_path: Path, setup: str, loop: str):
+    """Run ``setup``, start ``loop`` and interrupt the kernel in epoch 2, as the stop button does;
+    returns the loop's message id and the kernel's reply to it."""
+    assert kc.execute_interactive(setup, timeout=120)["content"]["status"] == "ok"
+    msg_id = kc.execute(loop)
+    while not (tmp_path / "in_epoch_2").exists():
+        time.sleep(0.05)
+    km.interrupt_kernel()
+    return msg_id, kc.get_shell_msg(timeout=60)
+
+
+@pytest.mark.slow
+def test_stop_button_mid_epoch_then_rerun_resumes_cleanly_in_a_real_kernel(tmp_path):
+    """The training cell interrupted in a live Jupyter kernel (what the stop button sends), then run
+    again: the cut-off epoch is trained again from the last checkpoint, never continued in memory."""
+    from jupyter_client.manager import start_new_kernel
+
+    setup = _slowing_trainer(tmp_path, "lines")
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
     loop = "for epoch in trainer.remaining_epochs():\n    trainer.run_epoch(epoch)\nprint('steps', trainer.step)"
     try:
-        assert kc.execute_interactive(setup, timeout=120)["content"]["status"] == "ok"
-        msg_id = kc.execute(loop)
-        while not (tmp_path / "in_epoch_2").exists():
-            time.sleep(0.05)
-        km.interrupt_kernel()
-        reply = kc.get_shell_msg(timeout=60)
+        msg_id, reply = _stopped_in_epoch_2(km, kc, tmp_path, setup, loop)
         assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["status"] == "error"
         assert reply["content"]["ename"] == "TrainingInterrupted"
         shown = "\n".join(reply["content"]["traceback"])  # what Jupyter prints under the cell: a few lines
@@ -372,28 +385,8 @@ def test_live_curves_appear_in_the_cell_run_again_after_a_stop_in_a_real_kernel(
     its own (a new display), rather than updating the cleared output of the stopped execution."""
     from jupyter_client.manager import start_new_kernel
 
-    data = write_fake_cifar10(tmp_path / "data", per_batch=60, test=40)
+    setup = _slowing_trainer(tmp_path, "bars") + "assert utils.live_jupyter()  # someone could watch: curves on\n"
     km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
-    setup = f"""
-import sys, time
-sys.path.insert(0, {str(ROOT)!r})
-import utils
-from config import Config
-from recipe import load_data
-from training import Trainer
-assert utils.live_jupyter()  # a kernel someone could watch: the live curves are on
-cfg = Config(epochs=3, dim=16, depth=1, heads=2, batch_size=10, device="cpu", data_dir={str(data)!r}, verify_data=False,
-             checkpoint_dir={str(tmp_path / "ck")!r}, log_dir={str(tmp_path / "log")!r},
-             plot_dir={str(tmp_path / "p")!r})
-trainer = Trainer(cfg, load_data(cfg), progress="bars")
-real_step = trainer.train_step
-def slow_step(x, t):
-    if trainer.step == 35:
-        open({str(tmp_path / "in_epoch_2")!r}, "w").close()
-    time.sleep(0.1 if trainer.step >= 35 else 0)
-    return real_step(x, t)
-trainer.train_step = slow_step
-"""
     loop = "for epoch in trainer.remaining_epochs():\n    trainer.run_epoch(epoch)\ntrainer.console.live.wait()"
     figures: dict[str, list] = {}  # execution's msg_id -> (message type, display id)
 
@@ -403,12 +396,7 @@ trainer.train_step = slow_step
             figures.setdefault(msg["parent_header"]["msg_id"], []).append((msg["msg_type"], display_id))
 
     try:
-        assert kc.execute_interactive(setup, timeout=120)["content"]["status"] == "ok"
-        first = kc.execute(loop)
-        while not (tmp_path / "in_epoch_2").exists():
-            time.sleep(0.05)
-        km.interrupt_kernel()
-        reply = kc.get_shell_msg(timeout=60)
+        first, reply = _stopped_in_epoch_2(km, kc, tmp_path, setup, loop)
         assert reply["content"]["ename"] == "TrainingInterrupted"
         while True:  # what the stopped execution showed
             msg = kc.get_iopub_msg(timeout=30)
