@@ -157,11 +157,22 @@ def test_stop_button_mid_epoch_then_rerun_resumes_cleanly_in_a_real_kernel(tmp_p
     again: the cut-off epoch is trained again from the last checkpoint, never continued in memory."""
     from jupyter_client.manager import start_new_kernel
 
-    setup = _slowing_trainer(tmp_path, "lines")
+    setup = _slowing_trainer(tmp_path, "bars")  # progress bars as widgets, as in JupyterLab
     km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
     loop = "for epoch in trainer.remaining_epochs():\n    trainer.run_epoch(epoch)\nprint('steps', trainer.step)"
     try:
         msg_id, reply = _stopped_in_epoch_2(km, kc, tmp_path, setup, loop)
+        widgets = []  # the widget state changes the stopped execution sent (tqdm's bars)
+        while True:
+            msg = kc.get_iopub_msg(timeout=30)
+            if msg["msg_type"] == "comm_msg":
+                widgets.append(msg["content"]["data"].get("state", {}))
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        # The stopped epoch's bar is marked and closed red (tqdm's "danger"), not left running.
+        texts = [str(state.get("value", "")).replace("\u2007", " ") for state in widgets]  # tqdm's figure spaces
+        assert any(t.startswith("epoch 2 (stopped):") for t in texts), texts
+        assert any(state.get("bar_style") == "danger" for state in widgets)
         assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["status"] == "error"
         assert reply["content"]["ename"] == "TrainingInterrupted"
         shown = "\n".join(reply["content"]["traceback"])  # what Jupyter prints under the cell: a few lines
@@ -413,3 +424,51 @@ def test_live_curves_appear_in_the_cell_run_again_after_a_stop_in_a_real_kernel(
     new = [display_id for kind, display_id in rerun if kind == "display_data"]
     assert len(new) == 1 and new[0] != stopped[0][1]  # a figure of its own in the cell run again
     assert rerun[-1] == ("update_display_data", new[0])  # the last epoch's curves are drawn into it
+
+
+@pytest.mark.slow
+def test_the_comparison_shows_each_childs_epochs_and_a_stop_says_what_stopped_in_a_real_kernel(tmp_path):
+    """Notebook III item 2 in a live kernel: the comparison's children report their epochs on the page as
+    they finish them, and the stop button ends the section in a few lines naming what stopped."""
+    from jupyter_client.manager import start_new_kernel
+
+    data = write_fake_cifar10(tmp_path / "data", per_batch=60, test=40)
+    setup = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import sweeps
+from config import Config
+cfg = Config(epochs=30, dim=16, depth=1, heads=2, batch_size=10, device="cpu", data_dir={str(data)!r},
+             verify_data=False, checkpoint_dir={str(tmp_path / "ck")!r}, log_dir={str(tmp_path / "log")!r},
+             plot_dir={str(tmp_path / "p")!r}, cpu_threads=1)
+runs = sweeps.compare_norms(cfg, [0])
+"""
+    compare = "results = sweeps.run_sweep(runs, per_gpu=1, name='norms')"
+    first_csv = tmp_path / "log" / "dyt_cifar10.csv"
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
+    said = []
+    try:
+        assert kc.execute_interactive(setup, timeout=120)["content"]["status"] == "ok"
+        msg_id = kc.execute(compare)
+        for _ in range(6000):  # a bound on polls, not a timing: until the first run has finished 2 epochs
+            if first_csv.exists() and len(read_csv(first_csv)) >= 2:
+                break
+            time.sleep(0.05)
+        time.sleep(1.0)  # the sweep polls twice a second: its line for epoch 2 reaches the page
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=120)
+        while True:
+            msg = kc.get_iopub_msg(timeout=30)
+            if msg["msg_type"] == "stream" and msg["parent_header"].get("msg_id") == msg_id:
+                said.append(msg["content"]["text"])
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    page = "".join(said)
+    assert "started dyt_cifar10 on CPU" in page and "    dyt_cifar10: epoch 1/30, test " in page
+    assert reply["content"]["ename"] == "SweepInterrupted"
+    shown = "\n".join(reply["content"]["traceback"])
+    assert len(shown.splitlines()) <= 4 and re.search(r"  dyt_cifar10: \d+ of 30 epochs saved", shown)
+    assert "Run this cell (or the same command) again to continue" in shown
