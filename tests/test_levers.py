@@ -250,10 +250,10 @@ def test_alpha_lr_scale_puts_dyts_alphas_in_a_group_of_their_own_at_a_scaled_lr(
     assert not {id(p) for p in no_decay["params"]} & {id(p) for p in alphas["params"]}
     slow.parts.set_lr(2e-3)
     assert float(decay["lr"]) == 2e-3 and float(alphas["lr"]) == pytest.approx(2e-4)
-    start = {id(m): float(m.alpha) for m in dyts}
+    start = {id(m): m.alpha.item() for m in dyts}
     train_all(plain)
     train_all(slow)
-    moved = lambda t: max(abs(float(m.alpha) - 0.5) for m in t.model.modules() if isinstance(m, DynamicTanh))  # noqa: E731
+    moved = lambda t: max(abs(m.alpha.item() - 0.5) for m in t.model.modules() if isinstance(m, DynamicTanh))  # noqa: E731
     assert all(v == 0.5 for v in start.values()) and 0 < moved(slow) < 0.5 * moved(plain)  # slower alphas
     with pytest.raises(ValueError, match=r"alpha_lr_scale must be a finite number in \(0, 1\]"):
         tiny(tmp_path, alpha_lr_scale=0.0)
