@@ -228,8 +228,9 @@ def configure_process(
 def compile_notes(cfg, modes: list[str], device: torch.device) -> list[str]:
     """What to say when a compile setting of ``cfg`` cannot act with these ``modes`` on ``device``."""
     notes = []
-    if cfg.autotune and modes and autotune_skipped(device):
-        notes.append(autotune_skipped(device))
+    skipped = autotune_skipped(device) if cfg.autotune and modes else ""
+    if skipped:
+        notes.append(skipped)
     elif cfg.autotune and not any(m.startswith("max-autotune") for m in modes):
         notes.append("autotune=True has no effect here: it needs torch.compile on a CUDA device")
     if cfg.cuda_graphs and "reduce-overhead" not in modes:

@@ -113,8 +113,9 @@ class Trainer:
         self.data = data
         self.device = data.x_train.device
         self.files = RunFiles(cfg)
-        if attention_unavailable(cfg.attention, self.device):  # before anything is built or written
-            raise ValueError(attention_unavailable(cfg.attention, self.device))
+        missing = attention_unavailable(cfg.attention, self.device)
+        if missing:  # before anything is built or written
+            raise ValueError(missing)
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self._compile_modes = compile_modes(use_compile, self.device, cfg.cuda_graphs, cfg.autotune)
         cache = self.paths.compile_cache if self._compile_modes and cfg.compile_cache else None
