@@ -8,9 +8,12 @@ from models.dyt import (
     Mlp,
     ViT,
     alphas,
+    attention_entropy,
+    attention_maps,
     count_parameters,
     diagonal_attention_mass,
     gains,
+    norm_inputs,
     scale_mimetic_to_inputs_,
 )
 
@@ -22,8 +25,11 @@ __all__ = [
     "Mlp",
     "ViT",
     "alphas",
+    "attention_entropy",
+    "attention_maps",
     "count_parameters",
     "diagonal_attention_mass",
     "gains",
+    "norm_inputs",
     "scale_mimetic_to_inputs_",
 ]

@@ -355,19 +355,65 @@ def scale_mimetic_to_inputs_(model: ViT, images: torch.Tensor) -> list[float]:
 
 
 @torch.no_grad()
+def attention_maps(model: ViT, images: torch.Tensor) -> list[torch.Tensor]:
+    """Every block's attention weights, (B, heads, N, N) each, on normalised ``images``, computed with the
+    model in eval mode (its mode is restored after)."""
+    was_training = model.training
+    model.eval()
+    tokens, maps = model.embed(images), []
+    for block in model.blocks:
+        h, attn = block.norm1(tokens), block.attn
+        B, N, _ = h.shape
+        q, k, _ = attn.qkv(h).reshape(B, N, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        maps.append((q @ k.transpose(-1, -2) / attn.head_dim**0.5).softmax(-1))
+        tokens = block(tokens)
+    model.train(was_training)
+    return maps
+
+
 def diagonal_attention_mass(model: ViT, images: torch.Tensor, block: int = 0) -> float:
     """Mean attention weight of each token on itself in ``block`` (uniform attention: 1 / tokens), with
     the model in eval mode: how much mimetic init's identity part shows in the attention maps."""
+    return attention_maps(model, images)[block].diagonal(dim1=-2, dim2=-1).mean().item()
+
+
+def attention_entropy(model: ViT, images: torch.Tensor) -> list[float]:
+    """Per block, the mean entropy of a query's attention over the tokens, as a fraction of the uniform
+    distribution's log(N): 1.0 is attention spread evenly, 0.0 every query on a single token."""
+    entropies = []
+    for weights in attention_maps(model, images):
+        nats = -(weights * weights.clamp_min(1e-12).log()).sum(-1).mean()
+        entropies.append((nats / math.log(weights.shape[-1])).item())
+    return entropies
+
+
+@torch.no_grad()
+def norm_inputs(model: nn.Module, images: torch.Tensor, saturation: float = 2.0) -> dict[str, tuple[float, float]]:
+    """What each norm sees on normalised ``images`` (eval mode), keyed by module name: the RMS of its input
+    and, for DyT, the fraction of inputs with ``|alpha * x| > saturation``, where tanh's slope is under
+    ``1 - tanh(saturation)**2`` (0.07 at 2): the share DyT squashes rather than passes on. LayerNorm's
+    fraction is NaN."""
+    found, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, (DynamicTanh, nn.LayerNorm)):
+
+            def record(module, args, _output, name=name):
+                x = args[0].float()
+                squashed = math.nan
+                if isinstance(module, DynamicTanh):
+                    squashed = (module.alpha.float() * x).abs().gt(saturation).float().mean().item()
+                found[name] = (x.pow(2).mean().sqrt().item(), squashed)
+
+            hooks.append(m.register_forward_hook(record))
+    was_training = model.training
     model.eval()
-    tokens = model.embed(images)
-    for b in model.blocks[:block]:
-        tokens = b(tokens)
-    h = model.blocks[block].norm1(tokens)
-    attn = model.blocks[block].attn
-    B, N, _ = h.shape
-    q, k, _ = attn.qkv(h).reshape(B, N, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    weights = (q @ k.transpose(-1, -2) / attn.head_dim**0.5).softmax(-1)  # (B, H, N, N)
-    return weights.diagonal(dim1=-2, dim2=-1).mean().item()
+    try:
+        model(images)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return found
 
 
 def gains(model: nn.Module) -> dict[str, float]:
@@ -408,7 +454,10 @@ __all__ = [
     "ViT",
     "mimetic_init_",
     "scale_mimetic_to_inputs_",
+    "attention_maps",
     "diagonal_attention_mass",
+    "attention_entropy",
+    "norm_inputs",
     "gains",
     "alphas",
     "count_parameters",
