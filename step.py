@@ -13,6 +13,7 @@ import atexit
 import hashlib
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -203,8 +204,10 @@ def configure_process(
             torch._dynamo.reset()  # another variant's (or a cached) graph must not be reused
         _compiled_variant = variant
         inductor.force_disable_caches = compile_cache is None
-        if compile_cache is None:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dyt_cifar10_fresh_compile_")
+        if compile_cache is None:  # kernels are still written somewhere: a folder no other run reads, gone at exit
+            fresh = tempfile.mkdtemp(prefix="dyt_cifar10_fresh_compile_")
+            atexit.register(shutil.rmtree, fresh, ignore_errors=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh
     if variant and compile_cache is not None:
         path = (Path(compile_cache) / variant).resolve()
         if not SAFE_PATH.fullmatch(str(path)):

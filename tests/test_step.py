@@ -314,6 +314,22 @@ def test_compile_cache_points_inductor_at_the_runs_folder_per_variant_or_turns_c
     assert len(others) == 3  # each backend and mode its own folder
 
 
+def test_the_fresh_compile_folder_of_a_run_without_a_cache_is_removed_when_its_process_ends(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); import os, torch, step; "
+        "step.configure_process(torch.device('cpu'), None, variant='v'); "
+        "fresh = os.environ['TORCHINDUCTOR_CACHE_DIR']; open(os.path.join(fresh, 'kernel.py'), 'w').write('x'); "
+        "print(fresh, os.path.isdir(fresh))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    fresh, existed = done.stdout.split()
+    assert done.returncode == 0 and existed == "True" and "dyt_cifar10_fresh_compile_" in fresh
+    assert not Path(fresh).exists()  # with what was compiled into it
+
+
 def test_autotune_comes_first_on_cuda_and_is_said_to_do_nothing_elsewhere(cifar, tmp_path, capsys, monkeypatch):
     _card(monkeypatch, "NVIDIA H100 80GB HBM3")
     cuda = torch.device("cuda")
