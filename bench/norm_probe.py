@@ -7,8 +7,8 @@ the ``Trainer`` does) and compares them with the trained ones, on the first ``--
   summed over the blocks: a measured "effective learning rate" of the layers around the norms;
 - ``entropy_init_<b>`` / ``entropy_<b>``: block b's attention entropy as a fraction of uniform
   (``models.attention_entropy``), at init and at the end;
-- ``rms_<slot>`` / ``squashed_<slot>``: what each norm sees at the end, and DyT's share of inputs in
-  tanh's flat part (``models.norm_inputs``);
+- ``rms_in_<slot>``, ``rms_out_<slot>``, ``squashed_<slot>``: what each norm sees and hands on at the
+  end, and DyT's share of inputs in tanh's flat part (``models.norm_inputs``);
 - from the run's CSV in ``--logs``: clean training accuracy at epochs 1, 2 and the last, test accuracy
   at the last, and their gap (fitting speed against generalisation).
 
@@ -76,8 +76,8 @@ def probe_run(checkpoint: Path, data: CifarTensors, images: int, history: pd.Dat
     model.load_state_dict(state["model"])
     row.update({f"drift_{layer}": drift(initial, state["model"], layer) for layer in LAYERS})
     row.update({f"entropy_{b}": e for b, e in enumerate(attention_entropy(model, images))})
-    for slot, (rms, squashed) in norm_inputs(model, images).items():
-        row[f"rms_{slot}"], row[f"squashed_{slot}"] = rms, squashed
+    for slot, seen in norm_inputs(model, images).items():
+        row.update({f"{what}_{slot}": value for what, value in seen.items()})
     if history is not None:
         row.update(fitting(history))
     return row

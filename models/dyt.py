@@ -388,21 +388,22 @@ def attention_entropy(model: ViT, images: torch.Tensor) -> list[float]:
 
 
 @torch.no_grad()
-def norm_inputs(model: nn.Module, images: torch.Tensor, saturation: float = 2.0) -> dict[str, tuple[float, float]]:
-    """What each norm sees on normalised ``images`` (eval mode), keyed by module name: the RMS of its input
-    and, for DyT, the fraction of inputs with ``|alpha * x| > saturation``, where tanh's slope is under
-    ``1 - tanh(saturation)**2`` (0.07 at 2): the share DyT squashes rather than passes on. LayerNorm's
-    fraction is NaN."""
+def norm_inputs(model: nn.Module, images: torch.Tensor, saturation: float = 2.0) -> dict[str, dict[str, float]]:
+    """What each norm sees and hands on, on normalised ``images`` (eval mode), keyed by module name:
+    ``rms_in`` and ``rms_out``, the RMS of its input and output, and ``squashed``, for DyT the fraction of
+    inputs with ``|alpha * x| > saturation``, where tanh's slope is under ``1 - tanh(saturation)**2``
+    (0.07 at 2): the share DyT squashes rather than passes on (NaN for LayerNorm)."""
     found, hooks = {}, []
     for name, m in model.named_modules():
         if isinstance(m, (DynamicTanh, nn.LayerNorm)):
 
-            def record(module, args, _output, name=name):
+            def record(module, args, output, name=name):
                 x = args[0].float()
                 squashed = math.nan
                 if isinstance(module, DynamicTanh):
                     squashed = (module.alpha.float() * x).abs().gt(saturation).float().mean().item()
-                found[name] = (x.pow(2).mean().sqrt().item(), squashed)
+                rms_out = output.float().pow(2).mean().sqrt().item()
+                found[name] = {"rms_in": x.pow(2).mean().sqrt().item(), "rms_out": rms_out, "squashed": squashed}
 
             hooks.append(m.register_forward_hook(record))
     was_training = model.training

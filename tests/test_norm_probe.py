@@ -45,6 +45,14 @@ def test_probes_match_the_run_they_describe(cifar, tmp_path):
     assert table.loc["p_seed-0", "arm"] == "p" and table.loc["p_norm-ln_seed-0", "arm"] == "p_norm-ln"
     assert pd.isna(table.loc["p_norm-ln_seed-0", "squashed_blocks.0.norm1"])
     assert 0 <= table.loc["p_seed-0", "squashed_blocks.0.norm1"] <= 1
+    trained = runs["p_seed-0"][0].model
+    with torch.no_grad():
+        embedded = trained.embed(images)
+        out = trained.blocks[0].norm1(embedded).pow(2).mean().sqrt().item()
+    assert table.loc["p_seed-0", "rms_in_blocks.0.norm1"] == pytest.approx(
+        embedded.pow(2).mean().sqrt().item(), rel=1e-5
+    )
+    assert table.loc["p_seed-0", "rms_out_blocks.0.norm1"] == pytest.approx(out, rel=1e-5)
     arms = norm_probe.by_arm(table)
     assert list(arms.index) == ["p", "p_norm-ln"] and list(arms["seeds"]) == [2, 1]
     assert arms.loc["p", "drift_mlp.fc1"] == pytest.approx(table.loc[["p_seed-0", "p_seed-1"], "drift_mlp.fc1"].mean())

@@ -59,17 +59,21 @@ def test_attention_entropy_is_one_for_uniform_attention_and_matches_a_reference(
     assert got == [pytest.approx(r, rel=1e-5) for r in reference] and max(got) < 0.9
 
 
-def test_norm_inputs_give_each_norms_input_size_and_dyts_squashed_share():
+def test_norm_inputs_give_each_norms_input_and_output_size_and_dyts_squashed_share():
     model, images = _model(), _images()
     tokens = model.embed(images).detach()
     with torch.no_grad():
         model.blocks[0].norm1.alpha.fill_(1e6)  # every nonzero input lands far in tanh's flat part
         model.blocks[0].norm2.alpha.fill_(1e-6)  # every input stays on the straight part
+        expected_out = model.blocks[0].norm1(tokens).pow(2).mean().sqrt().item()
     seen = norm_inputs(model, images)
     assert set(seen) == {"blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1", "blocks.1.norm2", "norm"}
-    rms, squashed = seen["blocks.0.norm1"]
-    assert rms == pytest.approx(tokens.pow(2).mean().sqrt().item(), rel=1e-5) and squashed == 1.0
-    assert seen["blocks.0.norm2"][1] == 0.0
+    first = seen["blocks.0.norm1"]
+    assert first["rms_in"] == pytest.approx(tokens.pow(2).mean().sqrt().item(), rel=1e-5)
+    assert first["rms_out"] == pytest.approx(expected_out, rel=1e-5) and first["squashed"] == 1.0
+    assert seen["blocks.0.norm2"]["squashed"] == 0.0
+    assert seen["blocks.0.norm2"]["rms_out"] == pytest.approx(seen["blocks.0.norm2"]["rms_in"] * 1e-6, rel=1e-3)
     assert all(not m._forward_hooks for m in model.modules()) and model.training
-    ln = norm_inputs(_model(torch.nn.LayerNorm), images)
-    assert math.isnan(ln["blocks.0.norm1"][1]) and ln["blocks.0.norm1"][0] == pytest.approx(rms, rel=1e-5)
+    ln = norm_inputs(_model(torch.nn.LayerNorm), images)["blocks.0.norm1"]
+    assert math.isnan(ln["squashed"]) and ln["rms_in"] == pytest.approx(first["rms_in"], rel=1e-5)
+    assert ln["rms_out"] == pytest.approx(1.0, rel=1e-3)  # LayerNorm at init: unit weight, zero bias
