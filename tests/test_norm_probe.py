@@ -64,3 +64,18 @@ def test_a_missing_run_is_named(cifar, tmp_path):
         norm_probe.probe(tmp_path, ["nope"], cifar, images=10)
     with pytest.raises(KeyError, match="no weight named like 'fc9'"):
         norm_probe.drift({"a.weight": torch.ones(2)}, {"a.weight": torch.ones(2)}, "fc9")
+
+
+def test_a_replay_is_the_run_again_probed_epoch_by_epoch(cifar, tmp_path):
+    trainer, _ = _train(tmp_path, cifar, "r_seed-0", seed=0, cpu_threads=1)
+    history = pd.read_csv(trainer.paths.csv)
+    rows = norm_probe.replay(trainer.paths.latest, cifar, 30, 2, tmp_path / "replay", history)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["clean_acc"] for r in rows] == pytest.approx(list(100 * history["train_clean_acc"]), rel=1e-6)
+    final = norm_probe.probe_run(trainer.paths.latest, cifar, 30)
+    assert [rows[-1][f"entropy_{b}"] for b in range(2)] == [final[f"entropy_{b}"] for b in range(2)]
+    assert rows[-1]["rms_out_norm"] == final["rms_out_norm"]  # the replay ends where the run ended, bit for bit
+    assert (tmp_path / "replay" / "log" / "r_seed-0.csv").exists() and len(history) == 2  # the run's files untouched
+    history.loc[1, "train_loss"] += 1e-7
+    with pytest.raises(RuntimeError, match="epoch 2 has training loss .* not the same run"):
+        norm_probe.replay(trainer.paths.latest, cifar, 30, 2, tmp_path / "again", history)
