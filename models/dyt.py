@@ -360,14 +360,16 @@ def attention_maps(model: ViT, images: torch.Tensor) -> list[torch.Tensor]:
     model in eval mode (its mode is restored after)."""
     was_training = model.training
     model.eval()
-    tokens, maps = model.embed(images), []
-    for block in model.blocks:
-        h, attn = block.norm1(tokens), block.attn
-        B, N, _ = h.shape
-        q, k, _ = attn.qkv(h).reshape(B, N, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        maps.append((q @ k.transpose(-1, -2) / attn.head_dim**0.5).softmax(-1))
-        tokens = block(tokens)
-    model.train(was_training)
+    try:
+        tokens, maps = model.embed(images), []
+        for block in model.blocks:
+            h, attn = block.norm1(tokens), block.attn
+            B, N, _ = h.shape
+            q, k, _ = attn.qkv(h).reshape(B, N, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            maps.append((q @ k.transpose(-1, -2) / attn.head_dim**0.5).softmax(-1))
+            tokens = block(tokens)
+    finally:
+        model.train(was_training)
     return maps
 
 

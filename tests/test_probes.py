@@ -77,3 +77,16 @@ def test_norm_inputs_give_each_norms_input_and_output_size_and_dyts_squashed_sha
     ln = norm_inputs(_model(torch.nn.LayerNorm), images)["blocks.0.norm1"]
     assert math.isnan(ln["squashed"]) and ln["rms_in"] == pytest.approx(first["rms_in"], rel=1e-5)
     assert ln["rms_out"] == pytest.approx(1.0, rel=1e-3)  # LayerNorm at init: unit weight, zero bias
+
+
+def test_a_probe_that_fails_leaves_the_model_in_its_mode():
+    model = _model()
+
+    def broken(*_):
+        raise RuntimeError("broken layer")
+
+    model.blocks[1].attn.qkv.forward = broken
+    for probe in (attention_maps, norm_inputs):
+        with pytest.raises(RuntimeError, match="broken layer"):
+            probe(model, _images())
+        assert model.training and all(not m._forward_hooks for m in model.modules())
