@@ -4,7 +4,7 @@ For each run it rebuilds the initial weights from the run's config and seed (``r
 the ``Trainer`` does) and compares them with the trained ones, on the first ``--images`` CIFAR-10 test images:
 
 - ``drift_<layer>``: how far training moved each kind of weight, ``||W_end - W_init|| / ||W_init||``
-  summed over the blocks: a measured "effective learning rate" of the layers around the norms;
+  over all blocks together: how far the optimizer moved the layers around the norms, for their size;
 - ``entropy_init_<b>`` / ``entropy_<b>``: block b's attention entropy as a fraction of uniform
   (``models.attention_entropy``), at init and at the end;
 - ``rms_in_<slot>``, ``rms_out_<slot>``, ``squashed_<slot>``: what each norm sees and hands on at the
