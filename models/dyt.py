@@ -105,10 +105,19 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = _dropout(proj_drop)
 
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens (B, N, D) -> queries, keys and values, each (B, heads, N, head_dim)."""
+        B, N, _ = x.shape
+        return self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention weights (B, heads, N, N) that ``forward`` applies to tokens ``x`` (without dropout)."""
+        q, k, _ = self.split_heads(x)
+        return (q @ k.transpose(-1, -2) / self.head_dim**0.5).softmax(-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
+        q, k, v = self.split_heads(x)  # each (B, H, N, Dh)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, D)
         return self.proj_drop(self.proj(x))
@@ -363,10 +372,7 @@ def attention_maps(model: ViT, images: torch.Tensor) -> list[torch.Tensor]:
     try:
         tokens, maps = model.embed(images), []
         for block in model.blocks:
-            h, attn = block.norm1(tokens), block.attn
-            B, N, _ = h.shape
-            q, k, _ = attn.qkv(h).reshape(B, N, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            maps.append((q @ k.transpose(-1, -2) / attn.head_dim**0.5).softmax(-1))
+            maps.append(block.attn.weights(block.norm1(tokens)))
             tokens = block(tokens)
     finally:
         model.train(was_training)
