@@ -221,6 +221,28 @@ class Config:
         return cls(**d)
 
 
+_dataclass_init = Config.__init__
+
+
+def _init_from_preset(self, **given) -> None:
+    """``Config(recipe=name, **fields)``: the preset's values for every field not given, so a preset named
+    anywhere applies its values (a config built field by field, as ``from_dict`` of a saved config does,
+    keeps what it is given). A label that holds none of its preset's own values is refused."""
+    recipe = given.get("recipe", "default")
+    preset = RECIPES.get(recipe, {}) if isinstance(recipe, str) else {}
+    _dataclass_init(self, **{**preset, **given})
+    own = {k: v for k, v in preset.items() if v != _DEFAULTS[k]}
+    if own and all(getattr(self, k) == _DEFAULTS[k] for k in own):
+        raise ValueError(
+            f"this config is labelled recipe {recipe!r} but holds none of its {len(own)} own values (its "
+            f"{', '.join(sorted(own)[:4])}, ... are all the default recipe's): build it with "
+            f"recipe_config({recipe!r}, overrides), or leave recipe out"
+        )
+
+
+Config.__init__ = _init_from_preset
+
+
 # Compact Transformers (Hassani et al. 2021, SHI-Labs/Compact-Transformers): configs/datasets/cifar10.yml and
 # src/cvt.py, src/vit.py, src/utils/transformers.py, src/utils/tokenizer.py. docs/recipe.md gives each field
 # with its source line, and what is not reproduced yet. The norm is left to the run (LayerNorm is published).
@@ -238,6 +260,13 @@ RECIPES: dict[str, dict] = {
     "vit-lite-7/4": {**_COMPACT, "pool": "cls"},  # 91.38% published (LayerNorm), 3.717 M parameters
     "cvt-7/4": {**_COMPACT, "pool": "seq"},  # 92.43% published (LayerNorm), 3.717 M parameters
 }
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}  # the default recipe's values
+
+
+def departures(cfg: Config) -> dict:
+    """The fields in which ``cfg`` differs from its own preset: what was set on top of it."""
+    preset = {**_DEFAULTS, **RECIPES[cfg.recipe]}
+    return {k: v for k, v in cfg.to_dict().items() if k != "recipe" and v != preset[k]}
 
 
 def check_field_names(names) -> None:
@@ -300,10 +329,19 @@ def recipe_config(name: str, overrides: dict | str | None = None) -> Config:
     return with_overrides({**Config().to_dict(), **RECIPES[name], "recipe": name}, overrides)
 
 
-def with_overrides(base: Config | dict, overrides: dict | str | None) -> Config:
-    """``base`` with the fields in ``overrides`` replaced, validated as a whole."""
+def with_overrides(base: Config | dict, overrides: dict | str | None, shared: dict | None = None) -> Config:
+    """``base`` with the fields in ``overrides`` replaced, validated as a whole. A ``recipe`` in ``overrides``
+    other than ``base``'s switches the preset: the new preset's values, then what ``base`` set on top of its
+    own preset (``departures``) and the fields of ``shared`` (those set for every run, kept even where they
+    equal the old preset's value), then the other overrides."""
     values = base.to_dict() if isinstance(base, Config) else dict(base)
-    values.update(parse_overrides(overrides))
+    overrides = parse_overrides(overrides)
+    recipe = overrides.get("recipe", values.get("recipe", "default"))
+    if isinstance(base, Config) and recipe != base.recipe:
+        carried = {**departures(base), **parse_overrides(shared)}
+        carried.pop("recipe", None)
+        values = recipe_config(recipe, carried).to_dict()
+    values.update(overrides)
     return Config.from_dict(values)
 
 
@@ -337,11 +375,18 @@ def config_from_parameters(parameters: dict, overrides: dict | str | None = None
     folder becomes ``output_root/<checkpoint|log|plots>``."""
     check_field_names(parameters)
     parameters = dict(parameters)
+    overrides = parse_overrides(overrides)
     recipe = parameters.pop("recipe", "default")
+    if overrides.get("recipe", recipe) != recipe and recipe != "default":
+        raise ValueError(
+            f"the overrides name recipe {overrides['recipe']!r} while the recipe parameter is {recipe!r}: set the "
+            f"preset in one place, the recipe parameter"
+        )
+    recipe = overrides.pop("recipe", recipe)
     base = recipe_config(recipe)
     defaults = Config().to_dict()
     values = {k: v for k, v in parameters.items() if k not in RECIPES[recipe] or v != defaults[k]}
-    values.update(parse_overrides(overrides))
+    values.update(overrides)
     for key, folder in OUTPUT_FOLDERS.items():
         if not values.get(key):
             values[key] = str(Path(output_root) / folder)

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from config import recipe_config
+from config import parse_overrides, recipe_config
 from sweeps.local import SweepInterrupted, run_sweep
 from sweeps.runs import check_sweep_name, expand, show, train_run, write_results
 
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     try:
         listed = json.loads(args.runs) if args.runs else [{}]
         axes = json.loads(args.grid) if args.grid else {}
-        runs = expand(recipe_config(args.recipe, args.overrides), listed, axes)
+        runs = expand(recipe_config(args.recipe, args.overrides), listed, axes, parse_overrides(args.overrides))
     except ValueError as e:  # bad JSON, an unknown field, a bad value, clashing names
         ap.error(str(e))
     try:

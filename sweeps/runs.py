@@ -36,10 +36,14 @@ def grid(base: Config, axes: dict[str, list]) -> list[tuple[Config, dict]]:
     return expand(base, [{}], axes)
 
 
-def expand(base: Config, listed: list[dict], axes: Optional[dict[str, list]] = None) -> list[tuple[Config, dict]]:
+def expand(
+    base: Config, listed: list[dict], axes: Optional[dict[str, list]] = None, shared: Optional[dict] = None
+) -> list[tuple[Config, dict]]:
     """Each override set of ``listed`` crossed with every combination of ``axes``: (config, overrides)
     pairs in that order, each config named after its overrides. ``[{}]`` with axes is a plain grid;
-    a list without axes is one run per entry (``{}`` is the base config itself).
+    a list without axes is one run per entry (``{}`` is the base config itself). A run that names a
+    ``recipe`` gets that preset's values, with what ``base`` set on its own preset and the fields of
+    ``shared`` (the sweep's ``--overrides``) on top (``config.with_overrides``).
 
     Raises ``ValueError`` for a malformed list or grid, a field in both, or two runs with one name."""
     if not isinstance(listed, list) or not listed or not all(isinstance(o, dict) for o in listed):
@@ -55,7 +59,7 @@ def expand(base: Config, listed: list[dict], axes: Optional[dict[str, list]] = N
     for fixed in listed:
         for values in itertools.product(*(axes[n] for n in names)):
             overrides = {**fixed, **dict(zip(names, values))}
-            cfg = with_overrides(base, {**overrides, "run_name": run_name_for(base.name, overrides)})
+            cfg = with_overrides(base, {**overrides, "run_name": run_name_for(base.name, overrides)}, shared)
             runs.append((cfg, overrides))
     seen: dict[str, dict] = {}
     for cfg, overrides in runs:

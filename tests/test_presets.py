@@ -262,3 +262,47 @@ def test_the_cvt_augmentation_runs_in_timms_order(cifar):
     params = augment.draw(cifar.x_train[:64], torch.Generator().manual_seed(0))
     assert params["resized"] is not None and params["erase"] is not None and augment.padding == 0
     assert 0 < params["resized"][4].float().mean() < 1  # "random": bilinear for some, bicubic for others
+
+
+def test_a_preset_named_anywhere_applies_its_values_or_is_refused(tmp_path):
+    import dataclasses
+
+    from sweeps.runs import expand
+
+    # Config(recipe=...) applies the preset under the fields given; from_dict of a partial dict does too
+    assert Config(recipe="cvt-7/4", norm="ln") == recipe_config("cvt-7/4", {"norm": "ln"})
+    assert Config.from_dict({"recipe": "vit-lite-7/4", "seed": 2}) == recipe_config("vit-lite-7/4", {"seed": 2})
+    # a whole config relabelled (dataclasses.replace passes every field) is refused, not trained as the default
+    with pytest.raises(ValueError, match=r"labelled recipe 'cvt-7/4' but holds none of its 27 own values"):
+        dataclasses.replace(Config(), recipe="cvt-7/4")
+    # a run of a sweep that names a recipe gets its values, with the sweep's shared fields kept on top, even a
+    # shared field equal to the old preset's value (epochs 200 is the default recipe's)
+    shared = {"epochs": 200, "lr": 2e-3}
+    runs = expand(recipe_config("default", shared), [{}], {"recipe": ["default", "cvt-7/4"]}, shared)
+    (default, _), (cvt, _) = runs
+    assert (default.recipe, default.dim, default.pool, default.epochs, default.lr) == ("default", 384, "cls", 200, 2e-3)
+    assert (cvt.recipe, cvt.dim, cvt.pool, cvt.epochs, cvt.lr) == ("cvt-7/4", 256, "seq", 200, 2e-3)
+    assert cvt == recipe_config("cvt-7/4", {**shared, "run_name": "dyt_cifar10_recipe-cvt-7-4"})
+    # back from a preset to the default: what was set on top of cvt-7/4 carries over, the rest is the default's
+    ((back, _),) = expand(recipe_config("cvt-7/4", {"seed": 4}), [{"recipe": "default"}])
+    assert back == Config(seed=4, run_name="dyt_cifar10_recipe-default")
+    with pytest.raises(ValueError, match="unknown recipe 'cvt'"):
+        expand(Config(), [{"recipe": "cvt"}])
+    # the notebook: a recipe in overrides applies when the recipe parameter is left at "default", else is refused
+    cfg = config_from_parameters(dict(recipe="default", seed=1), {"recipe": "cvt-7/4"}, tmp_path)
+    assert (cfg.recipe, cfg.dim, cfg.epochs, cfg.seed) == ("cvt-7/4", 256, 310, 1)
+    with pytest.raises(ValueError, match="set the preset in one place"):
+        config_from_parameters(dict(recipe="vit-lite-7/4"), {"recipe": "cvt-7/4"}, tmp_path)
+
+
+def test_a_recipe_in_the_sweeps_grid_trains_that_presets_model(tmp_path, capsys):
+    import pandas as pd
+
+    from sweeps.__main__ import main as sweeps_main
+
+    shared = {"checkpoint_dir": str(tmp_path / "ck"), "log_dir": str(tmp_path / "log"), "plot_dir": str(tmp_path)}
+    sweeps_main(["--grid", '{"recipe": ["default", "cvt-7/4"]}', "--overrides", json.dumps(shared),
+                 "--name", "recipes", "--table-only"])  # fmt: skip
+    table = pd.read_csv(tmp_path / "log" / "recipes_runs.csv")
+    assert list(table["recipe"]) == ["default", "cvt-7/4"] and list(table["status"]) == ["not run"] * 2
+    assert list(table["planned_epochs"]) == [200, 310]  # each preset's own schedule, not the label alone
