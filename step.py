@@ -148,19 +148,40 @@ class CompileCache:
                 )
         return ""
 
-    def begin(self, compiling: bool = True) -> None:
-        """This process starts compiling with the cache (``compiling``: its first epoch of a compiled run)."""
+    def begin(self, compiling: bool = True) -> str:
+        """This process starts compiling with the cache (``compiling``: its first epoch of a compiled run).
+        Returns what to say ("" normally): a cache that can no longer be written (made read-only, or
+        replaced by a file, since the run started) leaves the run compiling without the crash marker."""
         if compiling and self.path is not None and self._marker is None:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._marker = self.path / f".compiling-{socket.gethostname()}-{os.getpid()}"
-            self._marker.touch()
+            marker = self.path / f".compiling-{socket.gethostname()}-{os.getpid()}"
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+            except OSError as e:
+                return (
+                    f"the kernel cache {self.path} cannot be written now ({first_line(e)}): compiling goes on, "
+                    f"and whatever Inductor cannot store there it compiles again next time"
+                )
+            self._marker = marker
             atexit.register(self.end)
+        return ""
 
     def end(self) -> None:
         """This process's compiles are done (its first epoch is recorded), or it exits cleanly."""
         if self._marker is not None:
             self._marker.unlink(missing_ok=True)
             self._marker = None
+
+
+def writable_folder(path: Path) -> str:
+    """ "" when ``path`` is (or can be made) a folder this process can write, else why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        return first_line(e)
+    return ""
 
 
 _compiled_variant: Optional[str] = None  # what this process last compiled (compile_variant), if anything
@@ -197,6 +218,28 @@ def configure_process(
     says so)."""
     global _compiled_variant
     cache = CompileCache(None)
+    if variant and compile_cache is not None:
+        path = (Path(compile_cache) / variant).resolve()
+        if not SAFE_PATH.fullmatch(str(path)):
+            safe = Path(tempfile.gettempdir()) / "dyt_cifar10_compile_cache" / hashlib.sha1(bytes(path)).hexdigest()
+            cache.note = (
+                f"the compile cache is kept in {safe}, not {path}: the C++ compiler torch.compile runs cannot take "
+                f"a path with spaces or quotes"
+            )
+            path = safe
+        cache.path = path
+        try:
+            unusable = writable_folder(path)
+            cache.note = "; ".join(n for n in (cache.note, cache.check_for_crashes()) if n)
+        except OSError as e:  # moving a crashed process's cache aside failed
+            unusable = first_line(e)
+        if unusable:
+            cache = CompileCache(
+                None,
+                f"the compile cache {path} cannot be used ({unusable}): this run compiles into a fresh folder "
+                f"of its own, removed at exit (set compile_cache=False to say so, or make the folder writable)",
+            )
+            compile_cache = None
     if variant:
         import torch._inductor.config as inductor
 
@@ -208,18 +251,8 @@ def configure_process(
             fresh = tempfile.mkdtemp(prefix="dyt_cifar10_fresh_compile_")
             atexit.register(shutil.rmtree, fresh, ignore_errors=True)
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh
-    if variant and compile_cache is not None:
-        path = (Path(compile_cache) / variant).resolve()
-        if not SAFE_PATH.fullmatch(str(path)):
-            safe = Path(tempfile.gettempdir()) / "dyt_cifar10_compile_cache" / hashlib.sha1(bytes(path)).hexdigest()
-            cache.note = (
-                f"the compile cache is kept in {safe}, not {path}: the C++ compiler torch.compile runs cannot take "
-                f"a path with spaces or quotes"
-            )
-            path = safe
-        cache.path = path
-        cache.note = "; ".join(n for n in (cache.note, cache.check_for_crashes()) if n)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache.path)
     if device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     if device.type == "cuda":

@@ -312,7 +312,7 @@ class Trainer:
             self.pace.epoch_start()
         bar = self.console.epoch_bar(self.steps_per_epoch, self.epoch + 1)
         augment_compiling = self.augment.compiled is not None and not self._augment_compiled  # a failure clears it
-        self.compile_cache.begin(bool(self._compile_modes) and not self.compiled_step.eval_proven)
+        self.console.notes(self.compile_cache.begin(bool(self._compile_modes) and not self.compiled_step.eval_proven))
         start = fetched = synced_time(self.device) if augment_compiling else time.perf_counter()
         for i, (x, y) in enumerate(self.train_loader):
             if i == 0 and augment_compiling:  # the first batch compiled the augmentation, or failed and fell back

@@ -291,13 +291,23 @@ def test_compiled_runs_count_compile_time_once_and_a_second_process_reuses_the_k
     assert seconds[1] < 0.5 * seconds[0], seconds  # a ratio of the two, not a time
 
 
-def test_compile_cache_points_inductor_at_the_runs_folder_per_variant_or_turns_caching_off(
-    cifar, tmp_path, monkeypatch
-):
+@pytest.fixture
+def inductor_caching():
+    """Inductor's ``force_disable_caches`` off for the test and as it was after (monkeypatch's undo would
+    delete the setting: Inductor's config module keeps it outside the module's ``__dict__``)."""
     import torch._inductor.config as inductor
 
+    before = inductor.force_disable_caches
+    inductor.force_disable_caches = False
+    yield inductor
+    inductor.force_disable_caches = before
+
+
+def test_compile_cache_points_inductor_at_the_runs_folder_per_variant_or_turns_caching_off(
+    cifar, tmp_path, monkeypatch, inductor_caching
+):
+    inductor = inductor_caching
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
-    monkeypatch.setattr(inductor, "force_disable_caches", False)
     Trainer(tiny(tmp_path / "b", compile=False, compile_cache=True), cifar, **QUIET)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"  # eager: nothing touched
     Trainer(tiny(tmp_path / "a", compile=True, compile_cache=False), cifar, **QUIET)
@@ -312,6 +322,39 @@ def test_compile_cache_points_inductor_at_the_runs_folder_per_variant_or_turns_c
     )
     others = {step.compile_variant("math", ["default"]), step.compile_variant("auto", ["max-autotune"]), variant}
     assert len(others) == 3  # each backend and mode its own folder
+
+
+@pytest.mark.parametrize("spoil", ["cache is a file", "variant is a file", "variant takes no files"])
+def test_an_unusable_compile_cache_falls_back_to_a_fresh_folder_with_one_line(
+    cifar, tmp_path, monkeypatch, inductor_caching, spoil
+):
+    inductor = inductor_caching
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    cfg = tiny(tmp_path, compile=True, compile_cache=True)
+    cache = RunPaths.of(cfg).compile_cache
+    variant = cache / step.compile_variant("auto", ["default"])
+    if spoil == "cache is a file":  # NotADirectoryError
+        cache.parent.mkdir(parents=True)
+        cache.write_text("not a folder")
+    elif spoil == "variant is a file":  # FileExistsError
+        cache.mkdir(parents=True)
+        variant.write_text("not a folder")
+    else:  # a folder in which nothing can be created, even by root (as a read-only one)
+        cache.mkdir(parents=True)
+        variant.symlink_to("/proc/self/fdinfo")
+    t = Trainer(cfg, cifar, **QUIET)  # configure_process raised here before
+    t.resume()  # the session starts: the notes said so far go in the text log
+    t.close()
+    fresh = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    assert fresh.name.startswith("dyt_cifar10_fresh_compile_") and inductor.force_disable_caches
+    assert t.compile_cache.path is None
+    notes = [line for line in RunPaths.of(cfg).log.read_text().splitlines() if "compile cache" in line]
+    assert len(notes) == 1 and f"the compile cache {variant.resolve()} cannot be used" in notes[0]
+    assert "compiles into a fresh folder" in notes[0]
+    # a cache that stops taking files after the run started: begin says so instead of raising
+    later = step.CompileCache(tmp_path / "later" / "cache")
+    (tmp_path / "later").write_text("now a file")
+    assert "cannot be written now" in later.begin() and later._marker is None
 
 
 def test_the_fresh_compile_folder_of_a_run_without_a_cache_is_removed_when_its_process_ends(tmp_path):
