@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -210,7 +211,12 @@ def bench_epochs(device: torch.device, cfg: Config, epochs: int, warm: int = 2, 
     the same trainer and, on CUDA, the GPU's busy fraction and peak memory."""
     data = synthetic_cifar(device, images, images // 5)
     trainer = Trainer(cfg, data, progress="off")
-    trainer.resume()
+    if trainer.resume():
+        trainer.close()
+        raise RuntimeError(
+            f"{trainer.paths.latest} holds {trainer.epoch} epochs already: a benchmark times a fresh run "
+            f"(bench_train names each call's runs apart)"
+        )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     walls, rows = [], []
@@ -291,10 +297,16 @@ def seconds_by_category(events) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def mode_config(name: str, device: torch.device, batch_size: int, epochs: int, out_dir: Path, tiny: bool) -> Config:
+def mode_config(
+    name: str, device: torch.device, batch_size: int, epochs: int, out_dir: Path, tiny: bool, call: str
+) -> Config:
+    """Mode ``name``'s run of the call ``call``: its files are its own (a second call on the same ``out_dir``
+    times a fresh run, not the first call's finished one), its kernel cache is ``out_dir``'s, shared by
+    every call (``<checkpoint_dir>/compile_cache``)."""
     size = dict(dim=32, depth=2, heads=2) if tiny else {}
-    return Config(batch_size=batch_size, epochs=epochs, device=str(device), run_name=f"bench_{name}",
-                  checkpoint_dir=str(out_dir / "ck"), log_dir=str(out_dir / "log"), plot_dir=str(out_dir / "plots"),
+    logs = out_dir / "calls" / call
+    return Config(batch_size=batch_size, epochs=epochs, device=str(device), run_name=f"bench_{name}_{call}",
+                  checkpoint_dir=str(out_dir / "ck"), log_dir=str(logs / "log"), plot_dir=str(logs / "plots"),
                   **size, **MODES[name][0])  # fmt: skip
 
 
@@ -311,13 +323,23 @@ def unavailable(name: str, device: torch.device) -> str:
     return attention_unavailable(fields.get("attention", "auto"), device)
 
 
-def bench_mode(name: str, device: torch.device, batch_size: int, epochs: int, out_dir: Path, tiny: bool) -> dict:
-    """One mode in this process (``--child``): its epochs, floor and GPU figures, with its config."""
-    cfg = mode_config(name, device, batch_size, epochs, out_dir, tiny)
-    with torch._inductor.config.patch(**MODES[name][1]):
-        result = bench_epochs(
-            device, cfg, epochs, warm=min(2, epochs - 1), images=TINY_IMAGES if tiny else EPOCH_IMAGES
-        )
+def bench_mode(
+    name: str, device: torch.device, batch_size: int, epochs: int, out_dir: Path, tiny: bool, call: str
+) -> dict:
+    """One mode in this process (``--child``): its epochs, floor and GPU figures, with its config. Its
+    checkpoints and lock are deleted after (hundreds of MB a run; the kernel cache stays for the next call)."""
+    cfg = mode_config(name, device, batch_size, epochs, out_dir, tiny, call)
+    try:
+        with torch._inductor.config.patch(**MODES[name][1]):
+            result = bench_epochs(
+                device, cfg, epochs, warm=min(2, epochs - 1), images=TINY_IMAGES if tiny else EPOCH_IMAGES
+            )
+    finally:
+        for leftover in [
+            *Path(cfg.checkpoint_dir).glob(f"{cfg.name}_*.pth"),
+            Path(cfg.checkpoint_dir) / f"{cfg.name}.lock",
+        ]:
+            leftover.unlink(missing_ok=True)
     return {**result, "inductor": MODES[name][1]}
 
 
@@ -340,6 +362,7 @@ def bench_train(
     import subprocess
 
     modes = modes or (["graphs", "compile"] if device.type == "cuda" else ["eager"])
+    call = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # this call's runs, apart from earlier calls'
     results: dict[str, dict] = {}
     for i, name in enumerate(modes):
         n = epochs if i == 0 else (variant_epochs or epochs)
@@ -347,15 +370,23 @@ def bench_train(
         if reason:
             results[name] = {"skipped": reason}
         else:
-            child_json = out_dir / f"{name}.json"
+            child_json = out_dir / "calls" / call / f"{name}.json"
+            child_json.parent.mkdir(parents=True, exist_ok=True)
             args = [sys.executable, __file__, "train", "--child", name, "--epochs", str(n), "--batch-size",
-                    str(batch_size), "--device", str(device), "--out", str(out_dir),
+                    str(batch_size), "--device", str(device), "--out", str(out_dir), "--call", call,
                     "--json", str(child_json)]  # fmt: skip
-            done = subprocess.run(args + (["--tiny"] if tiny else []), capture_output=True, text=True)
+            try:
+                done = subprocess.run(args + (["--tiny"] if tiny else []), capture_output=True, text=True)
+            except KeyboardInterrupt:  # Ctrl-C, or the caller's time limit (timeout -s INT): the mode is cut
+                results[name] = {"failed": ["cut off (interrupted: a time limit?)"]}
+                results.update({m: {"failed": ["not run: cut off before it"]} for m in modes[i + 1 :]})
+                if on_result is not None:
+                    on_result(name, results[name])
+                break
             if done.returncode == 0:
                 results[name] = json.loads(child_json.read_text())
             else:
-                results[name] = {"failed": (done.stderr or done.stdout).strip().splitlines()[-1:]}
+                results[name] = {"failed": (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]}
         if i and "whole_epoch_s" in results[name] and "whole_epoch_s" in results[modes[0]]:
             base, mine = results[modes[0]]["whole_epoch_s"], results[name]["whole_epoch_s"]
             results[name]["over_baseline"] = mine["median"] / base["median"]
@@ -403,6 +434,7 @@ def main(argv=None) -> None:
     ap.add_argument("--variant-epochs", type=int, help="each other mode's epochs (default: --epochs)")
     ap.add_argument("--out", type=Path, help="run folders and kernel cache (default: a temporary folder)")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one mode in this process, for bench_train
+    ap.add_argument("--call", help=argparse.SUPPRESS)  # the child's call (bench_train): names its runs
     ap.add_argument("--tiny", action="store_true", help="a tiny model: checks the script, not the targets")
     ap.add_argument("--aug-batches", type=int, default=20, help="batches of 256 for our RandAugment")
     ap.add_argument("--tv-images", type=int, default=2000, help="images for torchvision's per-image RandAugment")
@@ -424,7 +456,7 @@ def main(argv=None) -> None:
         if n is not None and n < 2:
             ap.error(f"{flag} must be 2 or more (the first epochs warm up, at least one is timed), got {n}")
     if args.child:  # one mode in this process: its figures to --json
-        result = bench_mode(args.child, device, args.batch_size, args.epochs, args.out, args.tiny)
+        result = bench_mode(args.child, device, args.batch_size, args.epochs, args.out, args.tiny, args.call)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         return
     report = {"conditions": header(device)}
@@ -448,7 +480,12 @@ def main(argv=None) -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             out = args.out or Path(tmp)  # a kept --out: a warm kernel cache for the next call
-            bench_train(device, args.batch_size, args.epochs, out, args.tiny, modes, keep, args.variant_epochs)
+            results = bench_train(
+                device, args.batch_size, args.epochs, out, args.tiny, modes, keep, args.variant_epochs
+            )
+        failed = [mode for mode, figures in results.items() if "failed" in figures]
+        if failed:  # a mode that failed or was cut short: the command says so in its exit status
+            sys.exit(f"benchmark: {', '.join(failed)} measured nothing (see the table's 'failed' rows)")
 
 
 if __name__ == "__main__":

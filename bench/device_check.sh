@@ -12,8 +12,10 @@
 # NAME: the sweep's name (default "sweep"), also the base of its run names. MODES (bench): default
 # graphs,cudnn,flash,combo,eval10k (the speed issue's block B: about 6 minutes on an H100 with a cold kernel
 # cache, each mode in its own process, each mode's figures kept as it finishes; a mode the card lacks is
-# skipped with the reason). The kernel cache stays in /tmp/device_check_bench for a second call. TINY=1:
-# a tiny model, the CPU dry run of the same command (TINY=1 bash bench/device_check.sh bench - OUT eager,compile).
+# skipped with the reason). Each call times fresh runs; the kernel cache stays in /tmp/device_check_bench for
+# the next call. TINY=1: a tiny model, the CPU dry run of the same command (2 minutes on a 2-core CPU):
+#   TINY=1 bash bench/device_check.sh bench - OUT eager,compile 3 2
+# The exit status is the run's: non-zero when a mode failed or the time limit cut it (124).
 # OUT receives at most 8 files (the device tool brings back no more): the logs, the tables, gpu.txt
 # and one .tgz of the run folders (CSV, text log, config, plots; no checkpoints).
 # A stopped sweep still writes its table: unfinished runs are summarised from their CSV so far.
@@ -46,22 +48,26 @@ bench)
   timeout -s INT -k 30 570 python3 bench/benchmark.py train --json "$out/bench.json" \
     --modes "${4:-graphs,cudnn,flash,combo,eval10k}" --epochs "${5:-6}" --variant-epochs "${6:-4}" \
     --out /tmp/device_check_bench ${TINY:+--tiny} 2>&1 | tee "$out/bench.log"
+  rc=$?
   ;;
 train)
   timeout -s INT -k 60 "${5:-540}" python3 bench/run_notebook.py dyt_cifar10.ipynb -p epochs "${4:?EPOCHS}" \
     -p data_dir "$data" -p checkpoint_dir /tmp/device_check_ck -p log_dir "$work/log" -p plot_dir "$work/plots" \
     -p progress lines -p recipe "${RECIPE:-default}" -p overrides "${OVERRIDES:-{\}}" 2>&1 | tee "$out/notebook.log"
+  rc=$?
   tar czf "$out/train.tgz" -C "$work" .
   ;;
 concurrency)
   python3 bench/concurrency.py --data-dir "$data" --k "${4:-2}" --epochs 6 --overrides "${OVERRIDES:-{\}}" \
     --json "$out/concurrency.json" 2>&1 | tee "$out/concurrency.log"
+  rc=$?
   ;;
 sweep)
   name=${NAME:-sweep}
   args=(--runs "${4:?RUNS}" --recipe "${RECIPE:-default}" --overrides "$(overrides)" --per-gpu "${5:-2}" --name "$name")
   if [ -n "${7:-}" ]; then args+=(--grid "$7"); fi
   timeout -s INT -k 60 "${6:-500}" python3 -m sweeps "${args[@]}" 2>&1 | tee "$out/sweep.log"
+  rc=$?
   python3 -m sweeps "${args[@]}" --table-only 2>&1 | tee "$out/table.txt"
   cp "$work/log/${name}_runs.csv" "$work/log/${name}_groups.csv" "$out/" 2>/dev/null
   tar czf "$out/sweep.tgz" -C "$work" .
@@ -69,3 +75,4 @@ sweep)
 *) echo "$usage" >&2; exit 2 ;;
 esac
 ls -la "$out"
+exit "$rc"  # the run's own status (124: cut by its time limit), not the listing's

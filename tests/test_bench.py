@@ -145,3 +145,44 @@ def test_the_cpu_dry_run_times_each_mode_in_its_own_process_against_the_first(tm
     table = capsys.readouterr().out
     assert "| eager (None) | 3 |" in table and "| compile (default) | 2 |" in table
     assert "| graphs | skipped: CUDA graphs need a CUDA device |" in table
+    # a second call on the same folder times fresh runs (it resumed the first call's finished ones and timed
+    # nothing before), keeping the kernel cache; no checkpoint or lock is left behind
+    benchmark.main(["train", "--tiny", "--device", "cpu", "--modes", "eager", "--epochs", "3", "--batch-size", "500",
+                    "--out", str(tmp_path / "out"), "--json", str(report)])  # fmt: skip
+    again = json.loads(report.read_text())["train"]["eager"]
+    assert again["whole_epoch_s"]["n"] == 1 and again["config"]["run_name"] != figures["eager"]["config"]["run_name"]
+    assert len(list((tmp_path / "out" / "calls").iterdir())) == 2
+    assert sorted(p.name for p in (tmp_path / "out" / "ck").iterdir()) == ["compile_cache"]
+
+
+def test_a_mode_that_fails_makes_the_command_fail(tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    with pytest.raises(SystemExit, match="eager measured nothing"):  # a real child failing: batch size 0
+        benchmark.main(["train", "--tiny", "--device", "cpu", "--modes", "eager", "--epochs", "3", "--batch-size",
+                        "0", "--out", str(tmp_path), "--json", str(report)])  # fmt: skip
+    import json
+
+    assert "batch_size must be an integer >= 1" in json.loads(report.read_text())["train"]["eager"]["failed"][0]
+
+
+@pytest.mark.slow  # a child process started, then cut
+def test_a_benchmark_cut_by_its_time_limit_says_so_and_exits_non_zero(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    report = tmp_path / "bench.json"
+    args = [sys.executable, benchmark.__file__, "train", "--tiny", "--device", "cpu", "--modes", "eager,compile",
+            "--epochs", "30", "--out", str(tmp_path / "out"), "--json", str(report)]  # fmt: skip
+    parent = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "out" / "calls").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first mode's child is starting: 30 epochs leave it running for a while
+    parent.send_signal(signal.SIGINT)  # as `timeout -s INT` does
+    out, _ = parent.communicate(timeout=120)
+    assert parent.returncode != 0, out
+    figures = json.loads(report.read_text())["train"]
+    assert figures["eager"] == {"failed": ["cut off (interrupted: a time limit?)"]}
+    assert "eager, compile measured nothing" in out and "| compile | failed: not run: cut off before it |" in out
