@@ -34,6 +34,14 @@ def norm_layer(cfg: Config) -> Callable[[int], nn.Module]:
     return nn.LayerNorm
 
 
+def training_macs(cfg: Config, images: int = 50_000) -> float:
+    """Multiply-accumulates of the matrix products of a run's forward passes over ``images`` training
+    images a epoch (projections, MLP, attention): a size to compare runs by on one machine, not a time."""
+    tokens = (32 // cfg.patch_size) ** 2 + (cfg.pool == "cls")
+    block = 4 * tokens * cfg.dim**2 + 2 * tokens * cfg.dim * cfg.mlp_hidden + 2 * tokens**2 * cfg.dim
+    return float(cfg.depth * block * images * cfg.epochs)
+
+
 def build_model(cfg: Config) -> ViT:
     return ViT(
         img_size=32,

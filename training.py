@@ -28,11 +28,11 @@ import torch
 
 import figures
 import utils
-from config import NORM_NAMES, Config
+from config import CPU_SETTING, NORM_NAMES, Config, with_overrides
 from data import CifarTensors
 from evaluation import Evaluator
 from models import ViT, alphas, count_parameters, gains
-from recipe import build_model, build_run, cpu_has_native_bf16
+from recipe import build_model, build_run, cpu_has_native_bf16, training_macs
 from runs import history
 from runs.checkpoints import CHECKPOINT_FORMAT, BestRecord, ConfigMismatchError, best_summary, best_weights, snapshot
 from runs.console import Console, live_curves, status_line
@@ -307,7 +307,8 @@ class Trainer:
         correct = torch.zeros((), device=self.device)
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         seen = 0
-        self.console.hardware_warnings(self.device, self.amp_dtype, cpu_has_native_bf16())  # once, if it trains
+        size = training_macs(self.cfg, len(self.data.x_train)) / training_macs(with_overrides(Config(), CPU_SETTING))
+        self.console.hardware_warnings(self.device, self.amp_dtype, cpu_has_native_bf16(), size)  # once, if it trains
         if self.pace is not None:
             self.pace.epoch_start()
         bar = self.console.epoch_bar(self.steps_per_epoch, self.epoch + 1)

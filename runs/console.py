@@ -18,6 +18,7 @@ PROGRESS_EVERY = 50  # steps between progress-bar updates: the only host syncs i
 LIVE_EVERY_SECONDS = 10.0  # the live figure is redrawn after an epoch at most this often (and after the last)
 
 
+HEAVY_ON_A_CPU = 100  # a CPU run this many times the CPU setting's size (hours or more): the warning says so
 LINE_WIDTH = 110  # characters an output line may take before a notebook wraps it
 
 
@@ -80,10 +81,13 @@ class Console:
             if note:
                 self.say(f"note: {note}")
 
-    def hardware_warnings(self, device: torch.device, amp_dtype: Optional[torch.dtype], native_bf16: bool) -> None:
-        """Said once, when training starts (not when nothing will train): a CPU is slow, and bf16 without
-        native support slower still; on a GPU, which autocast dtype runs (fp16 with a GradScaler on cards
-        without native bf16, e.g. a T4)."""
+    def hardware_warnings(
+        self, device: torch.device, amp_dtype: Optional[torch.dtype], native_bf16: bool, size: float = 0.0
+    ) -> None:
+        """Said once, when training starts (not when nothing will train): a CPU is slow (a run of ``size``
+        times the notebook's CPU setting, ``recipe.training_macs``, from ``HEAVY_ON_A_CPU`` up, is pointed
+        to that setting), and bf16 without native support slower still; on a GPU, which autocast dtype runs
+        (fp16 with a GradScaler on cards without native bf16, e.g. a T4)."""
         if self._hardware_said:
             return
         self._hardware_said = True
@@ -96,10 +100,13 @@ class Console:
             return
         threads = torch.get_num_threads()
         self.say(
-            f"WARNING: training on the CPU ({utils.plural(threads, 'thread')}), not a GPU. The time per epoch is "
-            f"estimated after the first steps. The default model needs days here; the notebook's one-line CPU "
-            f"setting (docs/running.md, 'On a CPU') finishes in minutes."
+            f"WARNING: training on the CPU ({utils.plural(threads, 'thread')}), not a GPU; the time per epoch is "
+            f"estimated after the first steps."
         )
+        if size >= HEAVY_ON_A_CPU:
+            self.say(
+                f"This run is {size:,.0f}x the notebook's CPU setting (docs/running.md, 'On a CPU') of 6-8 minutes."
+            )
         if amp_dtype == torch.bfloat16 and not native_bf16:
             self.say(
                 "WARNING: amp='bf16' on a CPU without native bf16 makes matrix products several times slower "

@@ -218,6 +218,25 @@ def test_every_parameter_parses():
     assert all(ast.literal_eval(p["default"]) == namespace[n] for n, p in inspected.items())
 
 
+@pytest.mark.parametrize("norm", ["dyt", "ln"])
+def test_the_one_line_cpu_setting_is_the_documented_one_in_files_of_its_own(tmp_path, norm):
+    from config import CPU_SETTING, Config, config_from_parameters, with_overrides
+    from recipe import training_macs
+
+    tagged = next(c for c in _cells() if "parameters" in c.get("metadata", {}).get("tags", []))
+    lines = "".join(tagged["source"]).splitlines()
+    (setting,) = [line[2:] for line in lines if line.startswith("# dim, depth, heads")]
+    namespace: dict = {}
+    exec("\n".join(lines) + f"\nnorm = {norm!r}\n" + setting, namespace)  # the line uncommented, after the cell
+    names = ["recipe", "epochs", "batch_size", "dim", "depth", "heads", "patch_size", "norm", "seed", "lr", "run_name"]
+    cfg = config_from_parameters({n: namespace[n] for n in names}, namespace["overrides"], tmp_path)
+    assert cfg.name == f"{norm}_cpu" != Config(norm=norm).name  # not the default recipe's run and files
+    assert cfg == with_overrides(Config(), {**CPU_SETTING, **{k: getattr(cfg, k) for k in ("norm", "run_name")},
+                                            **{k: str(tmp_path / f) for k, f in (("checkpoint_dir", "checkpoint"),
+                                            ("log_dir", "log"), ("plot_dir", "plots"))}})  # fmt: skip
+    assert training_macs(cfg) == training_macs(with_overrides(Config(), CPU_SETTING))
+
+
 def test_config_from_parameters_takes_fields_then_overrides(tmp_path):
     from config import config_from_parameters
 

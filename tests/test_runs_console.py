@@ -9,7 +9,7 @@ import torch
 import utils
 from conftest import tiny, train_all
 from runs import console
-from runs.console import Console, LiveCurves
+from runs.console import LINE_WIDTH, Console, LiveCurves
 from training import Trainer, TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,14 +157,15 @@ def test_the_cpu_warning_names_the_threads_and_a_real_pointer_once(monkeypatch):
     lines = []
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     console = Console("off", lines.append)
-    console.hardware_warnings(torch.device("cpu"), None, False)
-    console.hardware_warnings(torch.device("cpu"), None, False)  # a second epoch, a second session's start
-    assert len(lines) == 1 and "(2 threads)" in lines[0]
-    assert "docs/running.md, 'On a CPU'" in lines[0] and "**On a CPU.**" in (ROOT / "docs" / "running.md").read_text()
+    console.hardware_warnings(torch.device("cpu"), None, False, 1039.4)  # the default model's size: hours or more
+    console.hardware_warnings(torch.device("cpu"), None, False, 1039.4)  # a second epoch, a second session's start
+    assert len(lines) == 2 and "(2 threads)" in lines[0] and lines[1].startswith("This run is 1,039x the notebook's")
+    assert "docs/running.md, 'On a CPU'" in lines[1] and "**On a CPU.**" in (ROOT / "docs" / "running.md").read_text()
+    assert all(len(line) <= LINE_WIDTH for line in lines)  # no line wraps in a notebook
     lines.clear()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    Console("off", lines.append).hardware_warnings(torch.device("cpu"), None, False)
-    assert "(1 thread)" in lines[0]
+    Console("off", lines.append).hardware_warnings(torch.device("cpu"), None, False, 1.0)  # the CPU setting itself
+    assert len(lines) == 1 and "(1 thread)" in lines[0]  # no pointer to the setting in use
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     Console("off", lines.append).hardware_warnings(torch.device("cuda"), torch.bfloat16, False)
