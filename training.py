@@ -63,10 +63,13 @@ class TrainingInterrupted(KeyboardInterrupt):
             if saved_epoch is not None
             else "no epoch had finished, so the run starts again from its beginning"
         )
-        self.message = (
-            f"Stopped in epoch {epoch} at step {step} of {steps}; that epoch's progress is discarded and {where}. "
-            f"Run this cell again to resume."
-        )
+        if saved_epoch == epoch:  # the stop came after the epoch's checkpoint was handed to the writer
+            self.message = f"Stopped after epoch {epoch} was saved; nothing is lost ({where}). "
+        else:
+            self.message = (
+                f"Stopped in epoch {epoch} at step {step} of {steps}; that epoch's progress is discarded and {where}. "
+            )
+        self.message += "Run this cell again to resume."
         super().__init__(self.message)
 
     def _render_traceback_(self) -> list[str]:
@@ -123,6 +126,7 @@ class Trainer:
         self.compile_cache = configure_process(self.device, cache, cfg.cpu_threads, variant)
         self.compile_clock = CompileClock()  # compiling (and recording CUDA graphs) in this session
         self._interrupted = False  # an epoch started and did not finish: memory is not a checkpoint
+        self._stopped_in = 0  # the epoch the last stop came in
         self.pace = CpuPace(choose=cfg.cpu_threads == 0) if self.device.type == "cpu" else None
         self._build_state()
         self.amp_dtype = self.parts.amp_dtype
@@ -226,7 +230,10 @@ class Trainer:
             self.files.wait_for_saves()
             self._build_state()
             notes.append("restored after an interrupted epoch (its in-memory state was discarded)")
+            if self.files.board is not None:  # reopened at the next row, purging steps past the checkpoint
+                self.files.board.close()
         state = self.files.read_latest()
+        self.files.checkpointed = int(state["epoch"]) if state is not None else None
         if state is None:
             notes += self.files.set_aside_earlier()
             if restored:
@@ -254,7 +261,8 @@ class Trainer:
                 )
             )
         if restored:  # the training cell run again after a stop: say where it goes on (cell 5 said it before)
-            self.console.say(f"resuming after epoch {self.epoch} of {self.cfg.epochs} (the stopped epoch starts again)")
+            again = "" if self.epoch >= self._stopped_in else " (the stopped epoch starts again)"
+            self.console.say(f"resuming after epoch {self.epoch} of {self.cfg.epochs}{again}")
         self._interrupted = False  # only now: the restore is complete
         self._start_session(
             f"resumed from {self.paths.latest} at epoch {self.epoch}/{self.cfg.epochs} (best test acc "
@@ -397,18 +405,19 @@ class Trainer:
             scores = [(stats[history.TEST_ACC], "raw")] + ([(stats[history.EMA_TEST_ACC], "ema")] if self.ema else [])
             improved = self.files.consider(epoch, scores)  # the better of raw and EMA, if it beats the best
             row = self._record(stats, improved)
+            self.compile_cache.end()  # this epoch's compiles finished: the cache holds whole kernels
+            self.console.epoch_seconds.append(time.perf_counter() - wall - stats["compile_seconds"])
+            self.console.epoch_line(self.epoch, self.cfg.epochs, stats, self.best.acc, self.best.epoch)
+            self.console.epoch_done(self.device, stats, self.cfg.epochs - self.epoch, self.paths.csv)
         except TrainingInterrupted:
             raise
         except KeyboardInterrupt:
-            saved, in_epoch = self.epoch if self.paths.latest.exists() else None, self.step % self.steps_per_epoch
-            stop = TrainingInterrupted(epoch, in_epoch, self.steps_per_epoch, self.paths.latest, saved)
+            trained = self.step % self.steps_per_epoch or (self.steps_per_epoch if self.epoch == epoch else 0)
+            stop = TrainingInterrupted(epoch, trained, self.steps_per_epoch, self.paths.latest, self.files.checkpointed)
+            self._stopped_in = epoch
             self.console.stop_bars()
             self.files.log(f"STOPPED: {stop.message}")  # the log tells the whole story
             raise stop from None
-        self.compile_cache.end()  # this epoch's compiles finished: the cache holds whole kernels
-        self.console.epoch_seconds.append(time.perf_counter() - wall - stats["compile_seconds"])
-        self.console.epoch_line(self.epoch, self.cfg.epochs, stats, self.best.acc, self.best.epoch)
-        self.console.epoch_done(self.device, stats, self.cfg.epochs - self.epoch, self.paths.csv)
         self._interrupted = False
         return row
 

@@ -155,6 +155,7 @@ class RunFiles:
         self.best = BestRecord()  # the run's best epoch so far (restore_best, consider)
         self.test_images = 0  # how many test images an accuracy counts (0: compare them as floats)
         self.board = TensorBoardLog(self.paths.tensorboard) if cfg.tensorboard else None  # checks the package now
+        self.checkpointed: Optional[int] = None  # the epoch of the latest checkpoint written or being written
         self._unlogged: list[str] = []  # lines said before it, written after it
 
     def open(self) -> list[str]:
@@ -318,6 +319,7 @@ class RunFiles:
         if self.board is not None:
             self.board.write(row)
         self.writer.submit(self.paths.latest, latest, (self.paths.best,) if best else ())
+        self.checkpointed = int(row["epoch"])
         if final:
             self.writer.wait()
         return note

@@ -47,3 +47,44 @@ def test_tensorboard_without_the_package_says_what_to_install(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="pip install tensorboard, or set tensorboard=False"):
         Trainer(tiny(tmp_path, tensorboard=True), cifar, **QUIET)
     assert not (tmp_path / "log").exists()  # nothing written
+
+
+@pytest.mark.parametrize("stop_at", ["after the row, before the checkpoint", "after the checkpoint"])
+def test_a_stop_right_after_an_epochs_write_then_a_continue_in_the_same_process(cifar, tmp_path, monkeypatch, stop_at):
+    from training import TrainingInterrupted
+
+    t = Trainer(tiny(tmp_path, epochs=3, tensorboard=True), cifar, **QUIET)
+    t.resume()
+    t.run_epoch(1)
+    if stop_at == "after the checkpoint":
+        target, name = t.console, "epoch_line"  # the epoch's line is said after its files are written
+    else:
+        target, name = t.files.writer, "submit"  # the CSV and TensorBoard rows are written, the checkpoint not
+    real = getattr(target, name)
+
+    def stop_in_epoch_2(*args, **kwargs):
+        if t.epoch == 2:
+            monkeypatch.setattr(target, name, real)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, stop_in_epoch_2)
+    with pytest.raises(TrainingInterrupted) as stop:
+        t.run_epoch(2)
+    n = t.steps_per_epoch
+    if stop_at == "after the checkpoint":
+        assert stop.value.message.startswith(f"Stopped after epoch 2 was saved; nothing is lost (the last checkpoint "
+                                             f"is {t.paths.latest} (epoch 2))")  # fmt: skip
+    else:  # not "step 0 of N" for an epoch whose steps all trained
+        said = f"Stopped in epoch 2 at step {n} of {n}; that epoch's progress is discarded and the last checkpoint"
+        assert stop.value.message.startswith(f"{said} is {t.paths.latest} (epoch 1)")
+    train_all(t)  # the same process goes on
+    t.close()
+    log = t.paths.log.read_text()
+    resumed = "resuming after epoch 2 of 3\n" if stop_at == "after the checkpoint" else "resuming after epoch 1 of 3 ("
+    assert resumed in log
+    scalars = _scalars(t.paths.tensorboard)
+    table = rows(t.paths.csv)
+    assert [int(r["epoch"]) for r in table] == [1, 2, 3]
+    for column in ("test_acc", "train_loss", "lr"):
+        assert scalars[tag(column)] == [(int(r["epoch"]), pytest.approx(float(r[column]), rel=1e-6)) for r in table]
