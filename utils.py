@@ -169,22 +169,35 @@ def ipython():
         return None
 
 
-def injected_parameters() -> set[str]:
-    """The names papermill injected into this kernel (its last "# Parameters" cell, from IPython's input
-    history); empty outside IPython or when the notebook was not started with parameters."""
+PAPERMILL_PATHS = {"PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH"}  # papermill --inject-paths: its own names
+
+
+def assigned_names(source: str) -> set[str]:
+    """The names a cell's top-level statements assign (plainly or with a type annotation)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    names = set()
+    for node in tree.body:
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def injected_parameters(parameters_cell: set[str]) -> set[str]:
+    """The names papermill injected into this kernel: its "# Parameters" cell, which it puts right after the
+    notebook's parameters cell (the last entry of IPython's input history that assigns every name of
+    ``parameters_cell``), less papermill's own path names (``--inject-paths``). A cell of the user's that
+    starts with "# Parameters" elsewhere is not it. Empty outside IPython or without injected parameters."""
     shell = ipython()
-    history = shell.user_ns.get("In", []) if shell is not None else []
-    for source in reversed(history):
-        if source.lstrip().startswith("# Parameters"):
-            try:
-                tree = ast.parse(source)
-            except SyntaxError:
-                return set()
-            return {
-                t.id
-                for node in tree.body
-                if isinstance(node, ast.Assign)
-                for t in node.targets
-                if isinstance(t, ast.Name)
-            }
+    history = list(shell.user_ns.get("In", [])) if shell is not None else []
+    for i in range(len(history) - 2, -1, -1):
+        if not history[i].lstrip().startswith("# Parameters") and set(parameters_cell) <= assigned_names(history[i]):
+            following = history[i + 1]
+            return (
+                assigned_names(following) - PAPERMILL_PATHS if following.lstrip().startswith("# Parameters") else set()
+            )
     return set()

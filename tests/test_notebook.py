@@ -491,3 +491,27 @@ runs = sweeps.compare_norms(cfg, [0])
     shown = "\n".join(reply["content"]["traceback"])
     assert len(shown.splitlines()) <= 4 and re.search(r"  dyt_cifar10: \d+ of 30 epochs saved", shown)
     assert "Run this cell (or the same command) again to continue" in shown
+
+
+def test_papermills_own_path_parameters_and_a_users_parameters_cell_are_not_misspellings(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import papermill
+
+    import utils
+
+    out = tmp_path / "prepared.ipynb"  # what `papermill -p epochs 3 -p epoch 1 --inject-paths` runs, not run
+    parameters = {"epochs": 3, "epoch": 1, "PAPERMILL_INPUT_PATH": str(NOTEBOOK), "PAPERMILL_OUTPUT_PATH": str(out)}
+    papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=parameters, prepare_only=True, progress_bar=False)
+    cells = json.loads(out.read_text())["cells"]
+    tagged = {"parameters", "injected-parameters"}
+    parameters_cell, injected_cell = ("".join(c["source"]) for c in cells if tagged & set(c["metadata"]["tags"]))
+    known = utils.assigned_names(parameters_cell)
+    assert {"epochs", "recipe", "compare_seeds", "compile"} <= known
+    history = {"In": ["", "import os", parameters_cell, injected_cell, "# Parameters of my own\nepoch_count = 5"]}
+    monkeypatch.setattr(utils, "ipython", lambda: SimpleNamespace(user_ns=history))
+    assert utils.injected_parameters(known) == {"epochs", "epoch"}  # the misspelling is caught, the paths are not
+    history["In"] = ["", parameters_cell, "x = 1", "# Parameters\nmy_setting = 1"]  # no papermill: a user's own cell
+    assert utils.injected_parameters(known) == set()
+    history["In"] = ["", parameters_cell, "# Parameters\nepochs = 3", "# Parameters\nmine = 2"]
+    assert utils.injected_parameters(known) == {"epochs"}  # papermill's cell, not the later user cell
