@@ -462,9 +462,12 @@ class Trainer:
     def best_model(self) -> tuple[ViT, dict]:
         """A separate copy of the model with the best checkpoint's weights (the model being trained
         is left alone, so training can continue), and that checkpoint's epoch, accuracy and which
-        weights they are (``source``: "raw" or "ema")."""
+        weights they are (``source``: "raw" or "ema"). Callable between epochs: it waits for the last
+        epoch's files, and builds the copy without drawing from the random numbers training goes on with."""
+        self.files.wait_for_saves()  # the best copy of the epoch just trained is written in the background
         state = self.files.read_best()
-        model = build_model(self.cfg).to(self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            model = build_model(self.cfg).to(self.device)  # its initial weights draw from the global generator
         model.load_state_dict(best_weights(state))
         best = best_summary(state)
         return model.eval(), {"epoch": best.epoch, "test_acc": best.acc, "source": best.source}

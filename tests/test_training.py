@@ -332,6 +332,19 @@ def test_best_model_is_a_separate_copy_with_best_weights(cifar, tmp_path):
     assert acc == pytest.approx(t.best.acc)
 
 
+def test_best_model_between_epochs_sees_the_epoch_just_trained_and_leaves_training_as_it_was(cifar, tmp_path):
+    alone = Trainer(tiny(tmp_path / "alone", epochs=2), cifar, **QUIET)
+    train_all(alone)
+    t = Trainer(tiny(tmp_path / "asked", epochs=2), cifar, **QUIET)
+    t.resume()
+    t.run_epoch(1)
+    model, info = t.best_model()  # right away: "no best checkpoint yet" before, while its copy was being written
+    assert info["epoch"] == 1 and all(torch.equal(v, t.model.state_dict()[k]) for k, v in model.state_dict().items())
+    t.run_epoch(2)
+    t.close()
+    assert_same_run(alone, t)  # asking did not move the random numbers drop path and dropout draw from
+
+
 def test_load_data_reads_its_config_fields(fake_cifar, tmp_path):
     d = recipe.load_data(tiny(tmp_path, data_dir=str(fake_cifar), download=False, train_subset=64, test_subset=8))
     assert len(d.x_train) == 64 and len(d.x_test) == 8 and d.x_train.device.type == "cpu"
