@@ -31,6 +31,7 @@ def _save(fig, path: str | Path) -> None:
 # One colour per series in every panel and figure: train, clean train, test, EMA test.
 SERIES_COLORS = {"train": "C0", "clean": "C2", "test": "C1", "ema": "C3"}
 C = SERIES_COLORS
+FEW_EPOCHS = 3  # a group's curve this short is drawn as points, its spread as bars
 
 
 def plot_run(csv_path: str | Path, out_path: str | Path, title: str = "", mixup: bool = True):
@@ -288,8 +289,17 @@ def plot_groups(curves: dict[str, list[str | Path]], out_path: str | Path, title
         frames = [pd.read_csv(p).set_index(h.EPOCH)[h.TEST_ACC] for p in paths]
         table = pd.concat(frames, axis=1, join="inner") * 100
         mean = table.mean(axis=1)
-        a.plot(table.index, mean, label=f"{label} (n={len(frames)}, last {mean.iloc[-1]:.2f}%)")
-        if len(frames) > 1:
+        few = len(table) <= FEW_EPOCHS  # a line through 1-3 points is hard to see, or not drawn at all
+        a.plot(
+            table.index,
+            mean,
+            marker="o" if few else None,
+            label=f"{label} (n={len(frames)}, last {mean.iloc[-1]:.2f}%)",
+        )
+        if len(frames) > 1 and few:
+            low, high = table.min(axis=1), table.max(axis=1)
+            a.errorbar(table.index, mean, yerr=[mean - low, high - mean], fmt="none", capsize=4, alpha=0.5)
+        elif len(frames) > 1:
             a.fill_between(table.index, table.min(axis=1), table.max(axis=1), alpha=0.25)
     a.set(title=title or "test accuracy (%)", xlabel="epoch", ylabel="test accuracy (%)")
     a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.2 ... 1.8

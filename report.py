@@ -10,6 +10,7 @@ from runs.history import read_csv
 
 LAST_EPOCHS = 5  # a run is scored by the mean test accuracy of its last epochs (less noisy than the best)
 WINDOWS = (3, LAST_EPOCHS)  # the summary's last3_acc and last5_acc: NaN for a run with fewer epochs
+FIT_EPOCHS = 5  # before this many epochs, training and test accuracy say nothing of under- or overfitting
 
 
 def last_key(window: int, prefix: str = "") -> str:
@@ -77,7 +78,12 @@ def next_steps(summary: dict, cfg, compared_seeds: int = 0) -> list[str]:
             "re-run to continue this one)."
         )
     gap = summary["train_clean_acc"] - summary["final_acc"]
-    if math.isnan(gap):
+    if summary["epochs"] < FIT_EPOCHS:
+        tips.append(
+            f"After {summary['epochs']} epoch{'s' * (summary['epochs'] > 1)} it is too early to say whether the model "
+            f"under- or overfits (training and test accuracy are close early in any run)."
+        )
+    elif math.isnan(gap):
         tips.append("Set clean_train_images > 0 to see whether the model under- or overfits.")
     elif gap < 3:
         weaker = []

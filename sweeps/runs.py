@@ -17,7 +17,7 @@ from config import RUN_NAME, Config, config_differences, with_overrides
 from runs.atomic import atomic_write
 from runs.files import RunPaths, check_writable
 from runs.lock import RunLock, RunLockedError
-from sweeps.paired import paired_table, setting
+from sweeps.paired import label, paired_table, setting
 
 DONE = ("finished", "stopped early")  # statuses a sweep run again does not train further
 ELSEWHERE = "running elsewhere"  # another process holds the run's lock: this sweep says so and writes nothing
@@ -174,6 +174,7 @@ def write_results(runs: list[tuple[Config, dict]], name: str):
     import figures
 
     fields = list(dict.fromkeys(k for _, overrides in runs for k in overrides))  # every swept field, in order
+    fields += [] if "seed" in fields else ["seed"]  # runs not swept over seeds share one: they pair on it
     files = {cfg.name: RunPaths.of(cfg) for cfg, _ in runs}
     rows = []
     for cfg, _ in runs:
@@ -199,6 +200,22 @@ def write_results(runs: list[tuple[Config, dict]], name: str):
         )
     table.attrs.update(groups=groups, pairs=pairs, plot=plot_dir / f"{name}.png", name=name, fields=fields)
     return table
+
+
+def paired_caveats(table, pairs, fields: list[str]) -> list[str]:
+    """Why the paired differences have no interval, or are missing, when the sweep has settings to compare."""
+    done = table[table["status"] == "finished"]
+    settings = {label(row, fields) for _, row in done.iterrows()}
+    if len(settings) < 2:
+        return []
+    if pairs is None or not len(pairs):
+        return ["no paired difference: no seed finished in both the first setting and another (each setting's runs "
+                "must share seeds with the first's)"]  # fmt: skip
+    if (pairs["pairs"] < 2).any():
+        more = "train 2 or more seeds of each setting (e.g. --grid '{\"seed\": [0, 1, 2]}')"
+        return [f"one seed in common: a difference without an interval, which cannot tell a real effect from "
+                f"seed-to-seed noise; {more}"]  # fmt: skip
+    return []
 
 
 def run_result(cfg: Config) -> dict:
@@ -262,6 +279,7 @@ def show(table) -> None:
     if pairs is not None and len(pairs):
         print(f"\npaired by seed: setting minus {pairs['against'].iloc[0]}, in points (95% interval, Student's t):")
         print(pairs.drop(columns="against").to_string(index=False, float_format="{:+.2f}".format))
+    print(*(f"\n{line}" for line in paired_caveats(table, pairs, fields)), sep="")
     for _, row in table[table["status"].isin(["failed", "diverged"])].iterrows():
         print(f"\n{row['run_name']} {row['status']}: {row.get('error', '')}")
     elsewhere = table[table["status"] == ELSEWHERE]

@@ -43,10 +43,14 @@ def test_summary_scores_raw_and_ema_weights_apart(tmp_path):
 
 
 def test_advice_fits_the_run(tmp_path):
-    under = summarize_run(_csv(tmp_path, [0.8] * 3, clean=0.81))
+    early = summarize_run(_csv(tmp_path, [0.3] * 1, clean=0.31))
+    tips = " ".join(next_steps(early, Config(epochs=1)))
+    assert "After 1 epoch it is too early to say" in tips and "underfits" not in tips  # close early in any run
+    (tmp_path / "u").mkdir()
+    under = summarize_run(_csv(tmp_path / "u", [0.8] * 10, clean=0.81))
     tips = " ".join(next_steps(under, Config(epochs=200)))
-    assert "stopped at epoch 3 of 200" in tips and "underfits" in tips and "randaug_prob 0.5" in tips
-    bare = Config(epochs=3, randaugment=False, mixup_alpha=0.0, drop_path=0.0)
+    assert "stopped at epoch 10 of 200" in tips and "underfits" in tips and "randaug_prob 0.5" in tips
+    bare = Config(epochs=10, randaugment=False, mixup_alpha=0.0, drop_path=0.0)
     tips = " ".join(next_steps(under, bare))
     assert "randaug" not in tips and "no augmentation or regularisation left" in tips and "stopped" not in tips
     over = summarize_run(_csv(tmp_path / "o", [0.7] * 60, clean=0.95)) if (tmp_path / "o").mkdir() is None else None
@@ -92,6 +96,22 @@ def test_each_series_keeps_its_colour_across_panels_and_comparison_ticks_are_who
     fig = figures.plot_groups({"dyt": [csv_path], "ln": [csv_path]}, tmp_path / "groups.png")
     ticks = fig.axes[0].get_xticks()
     assert all(float(t).is_integer() for t in ticks)
+
+
+def test_a_one_epoch_group_plot_shows_its_points_and_spread(tmp_path):
+    import figures
+
+    seeds = []
+    for seed, acc in enumerate((0.30, 0.34)):
+        (tmp_path / str(seed)).mkdir()
+        seeds.append(_csv(tmp_path / str(seed), [acc]))
+    fig = figures.plot_groups({"dyt": seeds, "ln": seeds[:1]}, tmp_path / "groups.png")
+    lines = [line for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")]
+    assert [line.get_marker() for line in lines] == ["o", "o"]  # a line through one point draws nothing
+    assert [list(line.get_ydata()) for line in lines] == [[pytest.approx(32)], [pytest.approx(30)]]
+    (bars,) = fig.axes[0].collections  # dyt's spread over its two seeds, as a bar from 30 to 34
+    (segment,) = bars.get_segments()
+    assert [y for _, y in segment] == [pytest.approx(30), pytest.approx(34)]
 
 
 def test_layer_styles_tell_depth_by_colour_and_slot_by_dash():

@@ -340,3 +340,40 @@ def test_a_sweep_shows_each_childs_epochs_and_a_stop_says_what_stopped(tmp_path,
     (shown,) = info.value._render_traceback_()
     assert isinstance(info.value, sweeps.local.SweepInterrupted) and len(shown.splitlines()) == 3
     assert f"  {name}: 2 of 4 epochs saved" in shown and "Run this cell (or the same command) again" in shown
+
+
+def _finished(cfg, accs):
+    """Run ``cfg``'s CSV as if it had trained, with these test accuracies."""
+    RunPaths.of(cfg).csv.parent.mkdir(parents=True, exist_ok=True)
+    for epoch, acc in enumerate(accs, 1):
+        history.append_csv(RunPaths.of(cfg).csv, {"epoch": epoch, "test_acc": acc, "train_seconds": 1.0})
+
+
+def test_a_sweep_of_one_seed_per_setting_pairs_on_it_and_says_why_there_is_no_interval(tmp_path, capsys):
+    base = _base(tmp_path, tmp_path, epochs=1, seed=3)
+    runs = sweeps.grid(base, {"norm": ["dyt", "ln"]})
+    for (cfg, _), acc in zip(runs, (0.50, 0.47)):
+        _finished(cfg, [acc])
+    table = sweeps.write_results(runs, "two")
+    assert list(table["seed"]) == [3, 3]  # not swept: the runs share the base config's seed, and pair on it
+    pairs = table.attrs["pairs"]
+    final = pairs[pairs["score"] == "final_acc"].iloc[0]
+    assert final["setting"] == "norm=ln" and final["pairs"] == 1 and final["mean_diff"] == pytest.approx(-3)
+    sweeps.show(table)
+    out = capsys.readouterr().out
+    assert "paired by seed: setting minus norm=dyt" in out and "one seed in common: a difference without an" in out
+    # seeds that never meet: no difference, and the reason
+    runs = sweeps.expand(base, [{"seed": 0}, {"norm": "ln", "seed": 1}])
+    for (cfg, _), acc in zip(runs, (0.50, 0.47)):
+        _finished(cfg, [acc])
+    table = sweeps.write_results(runs, "apart")
+    assert table.attrs["pairs"].empty
+    sweeps.show(table)
+    assert "no paired difference: no seed finished in both the first setting and another" in capsys.readouterr().out
+    # a sweep of one setting has nothing to pair: nothing said
+    runs = sweeps.grid(Config.from_dict({**base.to_dict(), "run_name": "single"}), {"seed": [0, 1]})
+    for (cfg, _), acc in zip(runs, (0.50, 0.47)):
+        _finished(cfg, [acc])
+    sweeps.show(sweeps.write_results(runs, "one"))
+    out = capsys.readouterr().out
+    assert "paired" not in out and "one seed in common" not in out
