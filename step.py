@@ -472,23 +472,28 @@ def _join(*notes: str) -> str:
 
 
 TRIAL_STEPS = 3  # steps timed at each candidate thread count on a CPU (after one untimed step)
+LOSING = 3.0  # a trial count whose step takes this many times the best count's is dropped after that step
 
 
 class CpuPace:
     """On a CPU: the first training steps' times, for the thread count and the time estimate.
 
-    With ``choose`` and more than one torch thread, the first steps run at each candidate count (all
-    threads, half of them, one), ``TRIAL_STEPS`` timed at each after an untimed one, and the fastest
-    count is kept for the rest of the run: on a busy machine one thread was measured 6-9x faster than
-    two, on an idle one two were faster. Thread counts change float sums, so a run whose count was
-    chosen by timing is repeatable only with the same choice: a resumed run keeps its count (``keep``)."""
+    With ``choose`` and more than one torch thread, the first steps run at each candidate count (one,
+    half of torch's threads, all of them), ``TRIAL_STEPS`` timed at each after an untimed one, and the
+    fastest count is kept for the rest of the run: on a busy machine one thread was measured 6-9x faster
+    than two, on an idle one two were faster. One thread goes first, as it is never far off; a later
+    count whose step takes ``LOSING`` times the best so far is dropped after that step, so a loaded
+    machine spends one slow step on it, not four. Thread counts change float sums, so a run whose count
+    was chosen by timing is repeatable only with the same choice: a resumed run keeps its count (``keep``)."""
 
     def __init__(self, choose: bool):
         n = torch.get_num_threads()
-        self.candidates = list(dict.fromkeys([n, max(1, n // 2), 1])) if choose and n > 1 else [n]
+        self.candidates = list(dict.fromkeys([1, max(1, n // 2), n])) if choose and n > 1 else [n]
         self.times: dict[int, list[float]] = {c: [] for c in self.candidates}
+        self.dropped: dict[int, float] = {}  # counts stopped early: the step time that lost
         self.index = 0
         self.last: Optional[tuple[float, float]] = None  # (time, compile seconds) at the end of the last step
+        self.untimed = True  # the next measured step is the first at its count
         self.done = False
 
     @property
@@ -499,18 +504,25 @@ class CpuPace:
     def restart(self) -> None:
         """A fresh start of the run (after a stop during the trial): the trial again from its first count."""
         if not self.done:
-            self.times = {c: [] for c in self.candidates}
-            self.index, self.last = 0, None
+            self.times, self.dropped = {c: [] for c in self.candidates}, {}
+            self.index, self.last, self.untimed = 0, None, True
             torch.set_num_threads(self.candidates[0])
 
     def keep(self, threads: int) -> None:
         """Train with ``threads`` threads (a resumed run's own count), without a trial."""
         torch.set_num_threads(threads)
-        self.candidates, self.times = [threads], {threads: []}
-        self.index, self.last = 0, None
+        self.candidates, self.times, self.dropped = [threads], {threads: []}, {}
+        self.index, self.last, self.untimed = 0, None, True
 
     def epoch_start(self) -> None:
         self.last = None  # the step after an evaluation is not timed
+        if not self.done and self.index == 0 and not self.times[self.candidates[0]]:
+            torch.set_num_threads(self.candidates[0])  # the trial's first count
+
+    def _best(self) -> Optional[float]:
+        """The best median of the counts timed in full so far."""
+        full = [sorted(t)[len(t) // 2] for t in self.times.values() if len(t) >= TRIAL_STEPS]
+        return min(full, default=None)
 
     def step_end(self, compile_seconds: float) -> Optional[tuple[float, str]]:
         """Called after each training step (``compile_seconds``: the compile clock's total, left out of
@@ -518,24 +530,42 @@ class CpuPace:
         if self.done:
             return None
         now, current = time.perf_counter(), self.candidates[self.index]
-        if self.last is not None:
-            self.times[current].append(now - self.last[0] - (compile_seconds - self.last[1]))
+        seconds = None if self.last is None else now - self.last[0] - (compile_seconds - self.last[1])
         self.last = (now, compile_seconds)
-        if len(self.times[current]) < TRIAL_STEPS:
+        if seconds is None:  # its start is unknown: this step is the count's untimed one
+            self.untimed = False
             return None
+        best = self._best()
+        if best is not None and seconds > LOSING * best:  # losing already: no more steps at this count
+            self.dropped[current] = seconds
+        elif self.untimed:
+            self.untimed = False
+            return None
+        else:
+            self.times[current].append(seconds)
+            if len(self.times[current]) < TRIAL_STEPS:
+                return None
         if self.index + 1 < len(self.candidates):
             self.index += 1
             torch.set_num_threads(self.candidates[self.index])
-            self.last = None  # the first step at a new count is not timed
+            self.untimed = True  # the first step at a new count is not timed
             return None
-        medians = {c: sorted(t)[len(t) // 2] for c, t in self.times.items()}
+        medians = {c: sorted(t)[len(t) // 2] for c, t in self.times.items() if c not in self.dropped}
         self.index = self.candidates.index(min(medians, key=medians.get))
         self.done = True
         torch.set_num_threads(self.chosen)
         if len(self.candidates) == 1:
             return medians[self.chosen], ""
-        timed = ", ".join(f"{c} thread{'s' * (c > 1)} {medians[c]:.2f}s" for c in self.candidates)
+
+        def said(c: int) -> str:
+            threads = f"{c} thread{'s' * (c > 1)}"
+            return (
+                f"{threads} >{self.dropped[c]:.2f}s (dropped after one step)"
+                if c in self.dropped
+                else (f"{threads} {medians[c]:.2f}s")
+            )
+
         return medians[self.chosen], (
-            f"CPU threads: {self.chosen}, the fastest a step of {timed} (timed on the first steps); "
-            f"cpu_threads=N in overrides sets the count"
+            f"CPU threads: {self.chosen}, the fastest a step of {', '.join(map(said, self.candidates))} (timed on "
+            f"the first steps); cpu_threads=N in overrides sets the count"
         )

@@ -60,32 +60,53 @@ def _threads(monkeypatch, start: int) -> list[int]:
     return set_to
 
 
+def _trial(pace, clock, compile_at=None) -> tuple[int, tuple]:
+    """Steps until the trial decides: (steps taken, its result)."""
+    pace.epoch_start()
+    compiling = 0.0
+    for i in range(1, 40):
+        extra = 100.0 if i == compile_at else 0.0  # a step that compiled: its compile seconds are not its time
+        compiling += extra
+        clock.step(torch.get_num_threads(), extra)
+        result = pace.step_end(compiling)
+        if result is not None:
+            return i, result
+    raise AssertionError("the trial never ended")
+
+
 def test_the_fastest_thread_count_is_kept_and_compile_time_is_left_out(monkeypatch):
     import step
 
     set_to = _threads(monkeypatch, 4)
-    clock = Clock({4: 3.0, 2: 1.0, 1: 0.5})
+    clock = Clock({4: 1.5, 2: 1.0, 1: 2.0})
     monkeypatch.setattr(step.time, "perf_counter", clock)
     pace = step.CpuPace(choose=True)
-    assert pace.candidates == [4, 2, 1] and pace.chosen == 0
-    pace.epoch_start()
-    result, compiling = None, 0.0
-    for i in range(12):  # 4 counts' worth of steps: an untimed one and 3 timed at each of the 3 counts
-        threads = torch.get_num_threads()
-        extra = 100.0 if i == 1 else 0.0  # a step that compiled: its compile seconds are not its time
-        compiling += extra
-        clock.step(threads, extra)
-        result = pace.step_end(compiling)
-        if result is not None:
-            break
-    assert i == 11 and result is not None and result[0] == 0.5  # 3 x (1 untimed + 3 timed)
-    assert pace.chosen == 1 and set_to == [2, 1, 1] and torch.get_num_threads() == 1
+    assert pace.candidates == [1, 2, 4] and pace.chosen == 0
+    steps, result = _trial(pace, clock, compile_at=2)
+    assert steps == 12 and result[0] == 1.0  # 3 counts x (1 untimed + 3 timed)
+    assert pace.chosen == 2 and set_to == [1, 2, 4, 2] and torch.get_num_threads() == 2
     assert result[1].startswith(
-        "CPU threads: 1, the fastest a step of 4 threads 3.00s, 2 threads 1.00s, 1 thread 0.50s"
+        "CPU threads: 2, the fastest a step of 1 thread 2.00s, 2 threads 1.00s, 4 threads 1.50s"
     )
     assert "cpu_threads=N" in result[1]
-    clock.step(1)
-    assert pace.step_end(compiling) is None  # said once
+    clock.step(2)
+    assert pace.step_end(0.0) is None  # said once
+
+
+def test_a_losing_count_is_dropped_after_one_step(monkeypatch):
+    import step
+
+    set_to = _threads(monkeypatch, 4)
+    clock = Clock({1: 0.5, 2: 4.6, 4: 12.0})  # a loaded machine: more threads, much slower steps
+    monkeypatch.setattr(step.time, "perf_counter", clock)
+    pace = step.CpuPace(choose=True)
+    steps, result = _trial(pace, clock)
+    assert steps == 6 and result[0] == 0.5  # 4 steps at one thread, then one at each losing count
+    assert pace.chosen == 1 and set_to == [1, 2, 4, 1]
+    assert result[1].startswith("CPU threads: 1, the fastest a step of 1 thread 0.50s, 2 threads >4.60s (dropped "
+                                "after one step), 4 threads >12.00s (dropped after one step)")  # fmt: skip
+    spent = 4 * 0.5 + 4.6 + 12.0
+    assert clock.now == spent  # before: 4 steps at each count, 4 x (0.5 + 4.6 + 12.0)
 
 
 def test_one_thread_or_a_set_count_is_timed_for_the_estimate_only(monkeypatch):
@@ -118,7 +139,7 @@ def test_a_trainer_keeps_its_chosen_count_in_the_checkpoint_and_resumes_with_it(
         assert chosen in (1, 2) and torch.get_num_threads() == chosen
         assert torch.load(first.paths.latest, weights_only=False)["cpu_threads"] == chosen
         log = first.paths.log.read_text()
-        assert f"note: CPU threads: {chosen}, the fastest a step of 2 threads" in log
+        assert f"note: CPU threads: {chosen}, the fastest a step of 1 thread" in log
         first.close()
         torch.set_num_threads(2)
         again = Trainer(tiny(tmp_path, epochs=2, batch_size=16), cifar, progress="off")
