@@ -127,6 +127,8 @@ class Trainer:
         self.compile_clock = CompileClock()  # compiling (and recording CUDA graphs) in this session
         self._interrupted = False  # an epoch started and did not finish: memory is not a checkpoint
         self._stopped_in = 0  # the epoch the last stop came in
+        # this run's size in units of the notebook's CPU setting (the CPU warning says it when large)
+        self.size = training_macs(cfg, len(data.x_train)) / training_macs(with_overrides(Config(), CPU_SETTING))
         self.pace = CpuPace(choose=cfg.cpu_threads == 0) if self.device.type == "cpu" else None
         self._build_state()
         self.amp_dtype = self.parts.amp_dtype
@@ -315,8 +317,9 @@ class Trainer:
         correct = torch.zeros((), device=self.device)
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         seen = 0
-        size = training_macs(self.cfg, len(self.data.x_train)) / training_macs(with_overrides(Config(), CPU_SETTING))
-        self.console.hardware_warnings(self.device, self.amp_dtype, cpu_has_native_bf16(), size)  # once, if it trains
+        self.console.hardware_warnings(
+            self.device, self.amp_dtype, cpu_has_native_bf16(), self.size
+        )  # once, if it trains
         if self.pace is not None:
             self.pace.epoch_start()
         bar = self.console.epoch_bar(self.steps_per_epoch, self.epoch + 1)
