@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runs.files import check_writable
 from runs.lock import process_alive
 from utils import first_line
 
@@ -173,17 +174,6 @@ class CompileCache:
             self._marker = None
 
 
-def writable_folder(path: Path) -> str:
-    """ "" when ``path`` is (or can be made) a folder this process can write, else why not."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
-    except OSError as e:
-        return first_line(e)
-    return ""
-
-
 _compiled_variant: Optional[str] = None  # what this process last compiled (compile_variant), if anything
 
 
@@ -228,9 +218,12 @@ def configure_process(
             )
             path = safe
         cache.path = path
+        unusable = ""
         try:
-            unusable = writable_folder(path)
+            check_writable(path)
             cache.note = "; ".join(n for n in (cache.note, cache.check_for_crashes()) if n)
+        except PermissionError as e:  # not a folder this process can write in
+            unusable = first_line(e.__cause__ or e)
         except OSError as e:  # moving a crashed process's cache aside failed
             unusable = first_line(e)
         if unusable:
@@ -519,10 +512,9 @@ class CpuPace:
         if not self.done and self.index == 0 and not self.times[self.candidates[0]]:
             torch.set_num_threads(self.candidates[0])  # the trial's first count
 
-    def _best(self) -> Optional[float]:
-        """The best median of the counts timed in full so far."""
-        full = [sorted(t)[len(t) // 2] for t in self.times.values() if len(t) >= TRIAL_STEPS]
-        return min(full, default=None)
+    def _medians(self) -> dict[int, float]:
+        """The median step of each count timed in full so far (dropped counts never are)."""
+        return {c: sorted(t)[len(t) // 2] for c, t in self.times.items() if len(t) >= TRIAL_STEPS}
 
     def step_end(self, compile_seconds: float) -> Optional[tuple[float, str]]:
         """Called after each training step (``compile_seconds``: the compile clock's total, left out of
@@ -535,7 +527,7 @@ class CpuPace:
         if seconds is None:  # its start is unknown: this step is the count's untimed one
             self.untimed = False
             return None
-        best = self._best()
+        best = min(self._medians().values(), default=None)
         if best is not None and seconds > LOSING * best:  # losing already: no more steps at this count
             self.dropped[current] = seconds
         elif self.untimed:
@@ -550,7 +542,7 @@ class CpuPace:
             torch.set_num_threads(self.candidates[self.index])
             self.untimed = True  # the first step at a new count is not timed
             return None
-        medians = {c: sorted(t)[len(t) // 2] for c, t in self.times.items() if c not in self.dropped}
+        medians = self._medians()
         self.index = self.candidates.index(min(medians, key=medians.get))
         self.done = True
         torch.set_num_threads(self.chosen)
