@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import zipfile
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -81,8 +81,11 @@ class CheckpointWriter:
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
 
-    def submit(self, path: Path, state: dict, copies: tuple[Path, ...] = ()) -> None:
-        """Save ``state`` to ``path``, then copy that file to each of ``copies``."""
+    def submit(
+        self, path: Path, state: dict, copies: tuple[Path, ...] = (), then: Optional[Callable[[], None]] = None
+    ) -> None:
+        """Save ``state`` to ``path``, then copy that file to each of ``copies``, then call ``then`` (in the
+        same thread; its error is reported like a failed save)."""
         self.wait()
 
         def run():
@@ -90,6 +93,8 @@ class CheckpointWriter:
                 save_checkpoint(path, state)
                 for copy in copies:
                     atomic_copy(path, copy)
+                if then is not None:
+                    then()
             except BaseException as e:  # reported by the next submit() or wait()
                 self._error = e
 

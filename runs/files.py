@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from config import Config
 from runs.atomic import atomic_copy, atomic_write, temp_files
@@ -156,6 +156,7 @@ class RunFiles:
         self.test_images = 0  # how many test images an accuracy counts (0: compare them as floats)
         self.board = TensorBoardLog(self.paths.tensorboard) if cfg.tensorboard else None  # checks the package now
         self.checkpointed: Optional[int] = None  # the epoch of the latest checkpoint written or being written
+        self.after_save: Optional[Callable[[int], None]] = None  # called with the epoch once its files are on disk
         self._unlogged: list[str] = []  # lines said before it, written after it
 
     def open(self) -> list[str]:
@@ -310,16 +311,18 @@ class RunFiles:
 
     def record(self, row: dict, latest: dict, best: bool, final: bool = False) -> str:
         """One epoch's files: the CSV row now, then in the background the latest checkpoint (a
-        snapshot) and, when ``best``, its copy as the best checkpoint. The lock is checked first:
-        nothing is written by a trainer that lost the run. ``final``: wait for this save too.
+        snapshot) and, when ``best``, its copy as the best checkpoint, then ``after_save(epoch)``. The lock
+        is checked first: nothing is written by a trainer that lost the run. ``final``: wait for this save too.
         Returns a note if the lock file had to be taken again."""
         note = self.check_lock()
         self.writer.wait()
         append_csv(self.paths.csv, row)
         if self.board is not None:
             self.board.write(row)
-        self.writer.submit(self.paths.latest, latest, (self.paths.best,) if best else ())
-        self.checkpointed = int(row["epoch"])
+        epoch = int(row["epoch"])
+        then = (lambda: self.after_save(epoch)) if self.after_save is not None else None
+        self.writer.submit(self.paths.latest, latest, (self.paths.best,) if best else (), then)
+        self.checkpointed = epoch
         if final:
             self.writer.wait()
         return note

@@ -96,9 +96,15 @@ def compare_norms(cfg: Config, seeds: list[int]) -> list[tuple[Config, dict]]:
     return [(cfg, o) if (o["norm"], o["seed"]) == (cfg.norm, cfg.seed) else (c, o) for c, o in runs]
 
 
-def train_run(config: Config | dict, progress: str = "off", on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+def train_run(
+    config: Config | dict,
+    progress: str = "off",
+    on_epoch: Optional[Callable[[dict], None]] = None,
+    after_save: Optional[Callable[[int], None]] = None,
+) -> dict:
     """Train one config to completion (resuming its files if any) and return its summary;
-    ``on_epoch`` is called with each epoch's CSV row (Ray Tune's reporting).
+    ``on_epoch`` is called with each epoch's CSV row (Ray Tune's reporting), ``after_save`` with the epoch
+    once its checkpoint is on disk, in the checkpoint writer's thread (the push to a cluster's storage).
 
     Errors are reported, not raised: ``status`` is ``"finished"``, ``"diverged"`` or ``"failed"``,
     with ``error`` saying why. The summary is also written to ``<log_dir>/<run>_result.json``."""
@@ -114,6 +120,7 @@ def train_run(config: Config | dict, progress: str = "off", on_epoch: Optional[C
         return {**result, "status": ELSEWHERE, "error": f"process {holder['pid']} on {holder['host']} trains it"}
     try:
         trainer = Trainer(cfg, load_data(cfg), progress=progress)
+        trainer.files.after_save = after_save
         for epoch in trainer.remaining_epochs():
             row = trainer.run_epoch(epoch)
             if on_epoch is not None:
@@ -166,9 +173,9 @@ def trained_with_another_config(runs: list[tuple[Config, dict]]) -> list[str]:
     return clashes
 
 
-def write_results(runs: list[tuple[Config, dict]], name: str):
+def write_results(runs: list[tuple[Config, dict]], name: str, extra: Optional[dict[str, dict]] = None):
     """The per-run table and the per-group statistics (mean and std over seeds) as CSVs, and the
-    overlay plot; returns the per-run table."""
+    overlay plot; returns the per-run table. ``extra``: more columns of a run, by its name."""
     import pandas as pd
 
     import figures
@@ -178,7 +185,7 @@ def write_results(runs: list[tuple[Config, dict]], name: str):
     files = {cfg.name: RunPaths.of(cfg) for cfg, _ in runs}
     rows = []
     for cfg, _ in runs:
-        rows.append({**{k: getattr(cfg, k) for k in fields}, **run_result(cfg)})
+        rows.append({**{k: getattr(cfg, k) for k in fields}, **run_result(cfg), **(extra or {}).get(cfg.name, {})})
     table = pd.DataFrame(rows)
     log_dir, plot_dir = Path(runs[0][0].log_dir), Path(runs[0][0].plot_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +273,8 @@ def show(table) -> None:
 
     scores = ("final_acc", "best_acc", "last3_acc", "last5_acc", "ema_last5_acc", "minutes")
     fields = table.attrs.get("fields", [])
-    columns = [c for c in ("run_name", *fields, "status", "epochs", *scores) if c in table and table[c].notna().any()]
+    columns = ("run_name", *fields, "status", "epochs", *scores, "nodes")
+    columns = [c for c in columns if c in table and table[c].notna().any()]
     swept = {f: setting for f in fields if f in table}  # a setting as it was given: 0.003 and 2e-05, not 0.00 twice
     print(table[columns].to_string(index=False, float_format="{:.2f}".format, formatters=swept))
     groups = table.attrs["groups"]
@@ -288,6 +296,14 @@ def show(table) -> None:
             f"\nrunning elsewhere (another process holds them; nothing written here): "
             f"{', '.join(elsewhere['run_name'])}"
         )
+    if "nodes" in table:
+        moved = table[table["nodes"].fillna("").str.contains(",")]
+        if len(moved):
+            print(
+                f"\nretried on another node (a node was lost or the run failed there): {', '.join(moved['run_name'])}"
+            )
+    for line in table.attrs.get("errors", []):
+        print(f"\na trial ended with an error: {line}")
     stopped = table[table["status"] == "stopped early"]
     if len(stopped):
         print(f"\nstopped early by the scheduler (not in the group statistics): {', '.join(stopped['run_name'])}")
