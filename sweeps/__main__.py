@@ -5,6 +5,7 @@ continues every unfinished run and skips the finished ones.
 
     python -m sweeps --grid '{"norm": ["dyt", "ln"], "seed": [0, 1, 2]}' --per-gpu 2 --name norms
     python -m sweeps --runs '[{}, {"randaug_prob": 0.5}, {"randaug_magnitude": 5}]' --per-gpu 3 --name recipes
+    python -m sweeps --backend ray --address auto --storage s3://my-bucket/norms --grid '{"seed": [0, 1, 2]}'
 """
 
 from __future__ import annotations
@@ -46,9 +47,16 @@ def main(argv=None) -> None:
     cluster.add_argument("--grace-epochs", type=int, help="epochs before ASHA may stop a run (default: max/4)")
     cluster.add_argument("--max-failures", type=int, default=2, help="retries of a run whose worker or node died")
     cluster.add_argument("--max-concurrent", type=int, default=0, help="runs at once (default: as resources allow)")
+    cluster.add_argument(
+        "--storage", help="where the runs' files live for nodes that share no disk: a folder (NFS), s3:// or gs:// URI"
+    )
+    cluster.add_argument(
+        "--storage-endpoint", help="an S3-compatible server that is not AWS, e.g. http://10.0.0.5:9000 (MinIO)"
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one config as JSON
     args = ap.parse_args(argv)
-    ray_only = [f"--{n.replace('_', '-')}" for n in ("address", "scheduler", "max_epochs", "grace_epochs")
+    ray_options = ("address", "scheduler", "max_epochs", "grace_epochs", "storage", "storage_endpoint")
+    ray_only = [f"--{n.replace('_', '-')}" for n in ray_options
                 if getattr(args, n) is not None]  # fmt: skip
     if args.backend != "ray" and ray_only:
         ap.error(f"{', '.join(ray_only)} only mean something with --backend ray")
@@ -58,6 +66,7 @@ def main(argv=None) -> None:
         sys.exit(0 if result["status"] == "finished" else 1)
     if not args.grid and not args.runs:
         ap.error("give --grid, --runs or both")
+    storage = None
     try:
         check_sweep_name(args.name)
         if args.per_gpu < 1:
@@ -66,6 +75,9 @@ def main(argv=None) -> None:
             from sweeps import on_ray
 
             on_ray.check_arguments(args.max_epochs, args.grace_epochs, args.max_failures, args.max_concurrent, None)
+            if args.storage_endpoint and not args.storage:
+                raise ValueError("--storage-endpoint names the server of --storage: give --storage too")
+            storage = on_ray.storage_spec(args.storage, args.storage_endpoint)
     except ValueError as e:
         ap.error(str(e))
     try:
@@ -75,14 +87,18 @@ def main(argv=None) -> None:
     except ValueError as e:  # bad JSON, an unknown field, a bad value, clashing names
         ap.error(str(e))
     try:
-        if args.table_only:
+        if args.table_only and storage is not None:
+            from sweeps import on_ray
+
+            table = on_ray.stored_table(runs, args.name, storage)
+        elif args.table_only:
             table = write_results(runs, args.name)
         elif args.backend == "ray":
             from sweeps import on_ray
 
             table = on_ray.run_ray_sweep(
                 runs, args.name, args.address, args.scheduler, args.max_epochs, args.grace_epochs,
-                args.max_failures, args.max_concurrent,
+                args.max_failures, args.max_concurrent, storage=storage,
             )  # fmt: skip
         else:
             table = run_sweep(runs, args.per_gpu, args.name)

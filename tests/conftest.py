@@ -165,3 +165,64 @@ def assert_same_run(a, b) -> None:
         sx, sy = x.state_dict(), y.state_dict()
         assert sx.keys() == sy.keys() and all(torch.equal(sx[k], sy[k]) for k in sx)
     assert without_time(rows(a.paths.csv)) == without_time(rows(b.paths.csv))
+
+
+class S3Server:
+    """A local S3-compatible server (moto's server mode on 127.0.0.1) with one bucket, and the test
+    credentials set in this process's environment, as a cluster's nodes would have them."""
+
+    ACCESS_KEY, SECRET_KEY = "dyt-test-access-key", "dyt-test-secret-9f2c"
+    BUCKET = "dyt-runs"
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self.port = 0
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        self.port = self.server.get_host_and_port()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def filesystem(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{self.port}", scheme="http", region="us-east-1")
+
+    def stop(self) -> None:
+        """The server goes away (its objects are kept in this process): the storage is unreachable."""
+        self.server.stop()
+
+    def start(self) -> None:
+        """The server answers again, on the same port, with the same objects."""
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """``S3Server`` for the session (skipped, saying why, where moto or pyarrow is not installed)."""
+    import logging
+    import os
+
+    pytest.importorskip("moto.server", reason="the storage tests need moto: pip install -r requirements-dev.txt")
+    pytest.importorskip("pyarrow.fs", reason="the storage tests need pyarrow (installed with Ray)")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    before = {n: os.environ.get(n) for n in names}
+    os.environ.update(AWS_ACCESS_KEY_ID=S3Server.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3Server.SECRET_KEY,
+                      AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    server = S3Server()
+    import pyarrow.fs as pafs
+
+    pafs.S3FileSystem(
+        endpoint_override=f"127.0.0.1:{server.port}", scheme="http", allow_bucket_creation=True
+    ).create_dir(S3Server.BUCKET)
+    yield server
+    server.stop()
+    for n, v in before.items():
+        if v is None:
+            os.environ.pop(n, None)
+        else:
+            os.environ[n] = v
