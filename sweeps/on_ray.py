@@ -332,7 +332,8 @@ def run_ray_sweep(
             tune_config=tune.TuneConfig(scheduler=asha, max_concurrent_trials=max_concurrent or None),
             run_config=tune.RunConfig(
                 name=name,
-                storage_path=str(Path(runs[0][0].log_dir) / "ray"),
+                storage_path=store.key("ray") if store else str(Path(runs[0][0].log_dir) / "ray"),
+                storage_filesystem=store.fs if store else None,  # Tune's own state beside the runs: Ray's advice
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 verbose=1 if progress != "off" else 0,
             ),
