@@ -117,10 +117,17 @@ def _filesystem(spec: StorageSpec):
     if parts.scheme == "s3":
         endpoint = spec.endpoint or next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), None)
         options = dict(connect_timeout=5, request_timeout=30, retry_strategy=pafs.AwsStandardS3RetryStrategy(2))
+        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         if endpoint:
             where = urlsplit(endpoint)
-            options.update(endpoint_override=where.netloc, scheme=where.scheme)
-            options["region"] = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+            options.update(endpoint_override=where.netloc, scheme=where.scheme, region=region or "us-east-1")
+        elif region:
+            options["region"] = region
+        else:  # AWS: the bucket's own region, as pyarrow's from_uri finds it (the first call then fails if unreachable)
+            try:
+                options["region"] = pafs.resolve_s3_region(parts.netloc)
+            except OSError:
+                pass
         return pafs.S3FileSystem(**options), f"{parts.netloc}{parts.path}".rstrip("/")
     if "://" in spec.uri:
         fs, path = pafs.FileSystem.from_uri(spec.uri)

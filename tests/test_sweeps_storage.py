@@ -287,3 +287,11 @@ def test_a_trial_waits_for_a_holder_that_finishes_within_its_wait(spec):
     finishing.join()
     assert json.loads(store.read_bytes(second.key, "reading"))["node"] == "node-b"
     second.release()
+
+
+def test_an_endpoint_from_the_environment_reaches_the_server(s3_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint)  # what each node's own environment may say
+    store = Storage(StorageSpec(f"s3://{S3Server.BUCKET}/{tmp_path.name}"))
+    store.check()
+    store.put_bytes(b"x", store.key("log", "r.csv"), "writing")
+    assert s3_server.filesystem().open_input_stream(f"{S3Server.BUCKET}/{tmp_path.name}/log/r.csv").read() == b"x"
