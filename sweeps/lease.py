@@ -17,6 +17,7 @@ by hand on one storage at the same moment, or a node that comes back after it wa
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -56,8 +57,6 @@ class StorageLease:
         return self.storage.read_json(self.key, f"reading run {self.run}'s lease")
 
     def _write(self) -> None:
-        import json
-
         self.storage.put_bytes(json.dumps(self._record()).encode(), self.key, f"writing run {self.run}'s lease")
 
     @staticmethod

@@ -150,30 +150,6 @@ def train_stored_run(run: dict, spec: StorageSpec, node: str, on_epoch=None) -> 
     cfg = in_scratch(Config.from_dict(run), spec, node)
     mirror = RunMirror(storage, RunPaths.of(cfg))
     lease = StorageLease(storage, cfg.name, node)
-    try:
-        note = lease.acquire(wait=spec.retry_seconds)  # a retried trial's old worker may still be ending
-    except RunLockedError as e:
-        return {"run_name": cfg.name, "status": sweep_runs.ELSEWHERE, "error": str(e)}
-    except StorageError as e:
-        raise mirror.stopped(e) from None
-    try:
-        return _train_from_storage(storage, cfg, mirror, lease, node, note, on_epoch)
-    except StorageError as e:
-        raise mirror.stopped(e) from None
-    finally:
-        lease.release()
-
-
-def _train_from_storage(storage, cfg, mirror, lease, node, note, on_epoch) -> dict:
-    """``train_stored_run`` once the lease is held."""
-    storage.clean_up([p.name for p in (*mirror.epoch_files, mirror.paths.result)])
-    nodes_key = storage.key("log", f"{cfg.name}{NODES}")
-    placed = storage.read_json(nodes_key, "reading where the run trained") or []
-    now = time.strftime("%Y-%m-%d %H:%M:%S")
-    placed = [*placed, {"node": node, "host": socket.gethostname(), "since": now, **({"note": note} if note else {})}]
-    storage.put_bytes(json.dumps(placed, indent=1).encode(), nodes_key, "recording where the run trains")
-    mirror.pull()
-    data_once_per_node(cfg, Path(cfg.checkpoint_dir).parent / "data.lock")
 
     def push(epoch: int) -> None:  # in the checkpoint writer's thread; an error stops the run at its next epoch
         try:
@@ -182,13 +158,35 @@ def _train_from_storage(storage, cfg, mirror, lease, node, note, on_epoch) -> di
             raise mirror.stopped(e) from None
         mirror.push(epoch)
 
-    result = sweep_runs.train_run(cfg, on_epoch=on_epoch, after_save=push)
-    if mirror.error is not None:
-        raise mirror.error
-    if result["status"] != sweep_runs.ELSEWHERE:
-        mirror.push_result()
-        mirror.remove_scratch()
-    return result
+    try:
+        try:
+            note = lease.acquire(wait=spec.retry_seconds)  # a retried trial's old worker may still be ending
+        except RunLockedError as e:
+            return {"run_name": cfg.name, "status": sweep_runs.ELSEWHERE, "error": str(e)}
+        storage.clean_up([p.name for p in (*mirror.epoch_files, mirror.paths.result)])
+        record_placement(storage, cfg.name, node, note)
+        mirror.pull()
+        data_once_per_node(cfg, Path(cfg.checkpoint_dir).parent / "data.lock")
+        result = sweep_runs.train_run(cfg, on_epoch=on_epoch, after_save=push)
+        if mirror.error is not None:
+            raise mirror.error
+        if result["status"] != sweep_runs.ELSEWHERE:
+            mirror.push_result()
+            mirror.remove_scratch()
+        return result
+    except StorageError as e:
+        raise mirror.stopped(e) from None
+    finally:
+        lease.release()
+
+
+def record_placement(storage: Storage, run: str, node: str, note: str) -> None:
+    """Add node ``node`` to ``log/<run>_nodes.json`` in the storage: where the run trained, in order."""
+    key = storage.key("log", f"{run}{NODES}")
+    placed = storage.read_json(key, "reading where the run trained") or []
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    placed = [*placed, {"node": node, "host": socket.gethostname(), "since": now, **({"note": note} if note else {})}]
+    storage.put_bytes(json.dumps(placed, indent=1).encode(), key, "recording where the run trains")
 
 
 def data_once_per_node(cfg: Config, lock: Path) -> None:
