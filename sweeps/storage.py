@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from runs.atomic import atomic_write
 from runs.files import RunPaths
+from utils import first_line
 
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # the AWS tools' own names for an endpoint
 SECRET_QUERY = ("access_key", "secret_key", "session_token", "key", "secret", "token")
@@ -104,11 +105,6 @@ def check_endpoint(endpoint: Optional[str]) -> Optional[str]:
     return endpoint.rstrip("/")
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}"
-
-
 def _filesystem(spec: StorageSpec):
     """pyarrow's filesystem for ``spec`` and the path of its prefix in it."""
     import pyarrow.fs as pafs
@@ -164,7 +160,7 @@ class Storage:
             except OSError as e:
                 if time.monotonic() + pause > end:
                     raise StorageError(
-                        f"the storage {self.spec.uri} kept failing for {seconds:.0f} s while {what} ({_one_line(e)})"
+                        f"the storage {self.spec.uri} kept failing for {seconds:.0f} s while {what} ({first_line(e)})"
                     ) from None
                 time.sleep(pause)
                 pause = min(5.0, 2 * pause)
@@ -181,7 +177,7 @@ class Storage:
         except (StorageError, OSError) as e:  # a missing file right after writing it: not a usable storage
             where = f" (endpoint {self.spec.endpoint})" if self.spec.endpoint else ""
             raise StorageError(
-                f"{e if isinstance(e, StorageError) else _one_line(e)}{where}. Check the URI, that the bucket exists, "
+                f"{e if isinstance(e, StorageError) else first_line(e)}{where}. Check the URI, that the bucket exists, "
                 f"the endpoint and this machine's credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the "
                 f"cloud's login); nothing was trained"
             ) from None
@@ -298,15 +294,11 @@ class RunMirror:
         p = self.paths
         return [p.csv, p.log, p.config, p.latest, p.best]
 
-    def pull(self, files: Optional[list[Path]] = None) -> list[str]:
-        """Fetch ``files`` (default: the epoch's files and the result) from the storage into scratch;
-        returns the names fetched."""
-        fetched = []
+    def pull(self, files: Optional[list[Path]] = None) -> None:
+        """Fetch ``files`` (default: the epoch's files and the result) from the storage into scratch."""
         for path in files or [*self.epoch_files, self.paths.result]:
             if self.storage.get_file(self.key(path), path, f"fetching {path.name}"):
-                fetched.append(path.name)
                 self._sent[path] = _signature(path)
-        return fetched
 
     def push(self, epoch: int) -> None:
         """Push what epoch ``epoch`` changed (latest before best); on failure ``StorageError`` naming the
